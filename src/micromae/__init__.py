@@ -1,0 +1,7 @@
+"""micromae: self-supervised masked autoencoders for microscopy (MAESTER and DAMA)."""
+
+__version__ = "0.1.0"
+
+from micromae.errors import MicromaeInputError  # noqa: E402
+
+__all__ = ["MicromaeInputError", "__version__"]
