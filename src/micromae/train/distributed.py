@@ -1,0 +1,84 @@
+"""Device choice and torchrun / DDP set-up (gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from micromae.errors import input_error
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a (possibly one-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU. Explicit ``cuda`` / ``cuda:N`` / ``mps`` / ``cpu`` are checked."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise input_error("train.device", "auto, cpu, cuda, cuda:N or mps", repr(spec), "Fix train.device") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise input_error("train.device", "a machine with CUDA", "no CUDA device", "Use train.device=auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise input_error("train.device", "a machine with MPS", "no MPS device", "Use train.device=auto or cpu")
+    return device
+
+
+def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    info = DistInfo(rank, world_size, local_rank)
+    device = resolve_device(device_spec, local_rank)
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return info, device
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
+    """Average a python float over ranks (for logging)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

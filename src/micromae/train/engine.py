@@ -1,0 +1,212 @@
+"""One training loop for every objective.
+
+The engine knows nothing of MAESTER or DAMA: it gets an :class:`Objective` (which owns the model and turns a
+batch into a loss plus a dict of logged values) and a function that opens the data stream at a given
+micro-step. It does the rest: device, DDP, bf16 autocast, AdamW, warm-up + cosine, gradient accumulation and
+clipping, a NaN/inf guard, atomic checkpoints, ``--resume``, ``log.jsonl`` / tensorboard, a tqdm bar and
+figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from micromae.config import TrainConfig
+from micromae.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from micromae.train.distributed import DistInfo, all_reduce_mean
+from micromae.train.log import RunLogger, say
+from micromae.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Objective:
+    """What the engine trains. Subclasses implement :meth:`loss`; the rest has sensible defaults.
+
+    ``self.model`` is the module whose parameters are optimised and checkpointed.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar loss and values to log. ``module`` is ``self.model``, maybe wrapped in DDP."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step (e.g. to update an EMA teacher)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state beyond the model's parameters, saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_figure(self, batch: torch.Tensor, path: Path) -> None:
+        """Write a PNG about the current model on ``batch`` (called on the main process only)."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimiser steps done
+    last_loss: float
+    run_dir: Path
+    checkpoint: Path | None
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    use_bf16 = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    return 1
+
+
+def train(
+    cfg: TrainConfig,
+    objective: Objective,
+    open_stream: Callable[[int], Iterable[tuple[int, Any]]],
+    run_dir: Path,
+    config_dict: dict[str, Any],
+    info: DistInfo,
+    device: torch.device,
+    resume_from: Path | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``objective.model`` for ``cfg.steps`` optimiser steps.
+
+    ``open_stream(start)`` must yield ``(micro_step, batch)`` for micro-steps ``start, start+1, ...``; each
+    optimiser step consumes ``cfg.accum_steps`` micro-batches. ``stop_after`` ends this invocation after that
+    many optimiser steps (for job time limits; resume later with ``resume_from``).
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    model = objective.model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        objective.load_state_dict(state.get("extra", {}))
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        if info.is_main:
+            say(f"resumed from {resume_from} at step {step}")
+    module: nn.Module = model
+    if info.enabled:
+        ddp_ids = [device.index] if device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+
+    logger = RunLogger(run_dir, enabled=info.is_main)
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    last_ckpt: Path | None = resume_from
+    last_loss = float("nan")
+
+    def checkpoint() -> Path | None:
+        if not info.is_main:
+            return None
+        return save_checkpoint(ckpt_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+            "config": config_dict, "extra": objective.state_dict(),
+        }, keep=cfg.keep_checkpoints)
+
+    stream: Iterator[tuple[int, Any]] = iter(open_stream(step * cfg.accum_steps))
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not info.is_main,
+               dynamic_ncols=True)
+    model.train()
+    t_last, crops = time.perf_counter(), 0
+    try:
+        while step < end:
+            optimizer.zero_grad(set_to_none=True)
+            logs_sum: dict[str, float] = {}
+            batch = None
+            for micro in range(cfg.accum_steps):
+                _, batch = next(stream)
+                batch = _move(batch, device)
+                crops += _batch_size(batch)
+                sync = micro == cfg.accum_steps - 1 or not info.enabled
+                ctx = contextlib.nullcontext() if sync else module.no_sync()
+                with ctx:
+                    with _autocast(device, cfg.amp):
+                        loss, logs = objective.loss(module, batch)
+                    _check_finite(loss, step, info, device, last_ckpt)
+                    (loss / cfg.accum_steps).backward()
+                for k, v in {"loss": float(loss.detach()), **logs}.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum_steps
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            objective.after_step(step)
+            step += 1
+            last_loss = logs_sum["loss"]
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == end:
+                now = time.perf_counter()
+                values = {k: all_reduce_mean(v, info, device) for k, v in logs_sum.items()}
+                values["lr"] = optimizer.param_groups[0]["lr"]
+                values["crops_per_s"] = crops * info.world_size / max(now - t_last, 1e-9)
+                if grad_norm is not None:
+                    values["grad_norm"] = grad_norm
+                logger.log(step, values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                t_last, crops = now, 0
+            if info.is_main and cfg.figure_every > 0 and (step % cfg.figure_every == 0 or step == cfg.steps):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    objective.save_figure(batch, run_dir / "figures" / f"reconstruction_step{step:07d}.png")
+            if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or step == end:
+                last_ckpt = checkpoint() or last_ckpt
+    finally:
+        bar.close()
+        logger.close()
+    return TrainResult(step=step, last_loss=last_loss, run_dir=run_dir, checkpoint=last_ckpt)
+
+
+def _check_finite(loss: torch.Tensor, step: int, info: DistInfo, device: torch.device,
+                  last_ckpt: Path | None) -> None:
+    """Stop with a clear message when the loss is NaN/inf on any rank."""
+    bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0
+    if info.enabled:
+        bad = all_reduce_mean(bad, info, device)
+    if bad == 0.0:
+        return
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"the loss became {float(loss.detach())} at step {step + 1}; {where}. Lower train.lr, set "
+        "train.grad_clip=1.0 or train.amp=off, then restart with --resume auto."
+    )
