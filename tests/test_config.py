@@ -1,0 +1,80 @@
+"""Config: YAML round trip, dotted overrides, rejection of unknown keys and wrong types, presets."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from micromae.cli import list_presets, resolve_config
+from micromae.config import PretrainConfig, apply_overrides, config_keys, from_dict, load_config, save_config
+from micromae.errors import MicromaeInputError
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(PretrainConfig(), ["train.steps=7", "model.mask_ratio=0.6", "data.planes=[YX]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    back = load_config(tmp_path / "c.yaml")
+    assert back == cfg
+    assert back.train.steps == 7 and back.model.mask_ratio == 0.6 and back.data.planes == ["YX"]
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(PretrainConfig(), ["train.lr=3e-4", "model.qkv_bias=false", "data.axes=null",
+                                             "train.betas=[0.9, 0.95]", "model.mask_ratio=1"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.qkv_bias is False
+    assert cfg.data.axes is None
+    assert cfg.train.betas == [0.9, 0.95]
+    assert isinstance(cfg.model.mask_ratio, float)  # int promoted to float
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.stepz=5", "train.steps"),           # unknown key: the message lists the valid ones
+    ("train.steps=abc", "int"),                 # wrong type
+    ("model.qkv_bias=3", "bool"),
+    ("train.steps", "key=value"),               # no '='
+    ("train.schedule=linear", "cosine"),        # not one of the choices
+])
+def test_bad_overrides_are_rejected(override, needle):
+    with pytest.raises(MicromaeInputError) as err:
+        apply_overrides(PretrainConfig(), [override])
+    assert needle in str(err.value)
+    assert "expected" in str(err.value)
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"model": {"embed_dimm": 8}}))
+    with pytest.raises(MicromaeInputError, match="model.embed_dim"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(MicromaeInputError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_section_must_be_mapping():
+    with pytest.raises(MicromaeInputError, match="model"):
+        from_dict(PretrainConfig, {"model": 3})
+
+
+def test_paper_preset_has_the_papers_numbers():
+    cfg = load_config(resolve_config("maester_betaseg"))
+    m, t, d = cfg.model, cfg.train, cfg.data
+    assert (m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio) == (80, 5, 192, 14, 1, 2.0)
+    assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.decoder_mlp_ratio) == (128, 7, 8, 2.0)
+    assert m.pos_embed_weight == 0.08 and m.decoder_pos_embed_weight == 1.0
+    assert m.mask_ratio == 0.5 and m.norm_pix_loss is False
+    assert (t.lr, t.weight_decay, t.betas, t.batch_size) == (1.5e-4, 1e-5, [0.9, 0.999], 32)
+    assert t.steps * t.batch_size == 5_600_000  # the supplement's 5.6 M crops
+    assert d.planes == ["YX", "ZX", "ZY"] and d.pad == 4 and d.min_crop_frac == 0.5 and d.flip_p == 0.5
+
+
+def test_every_preset_loads():
+    presets = list_presets()
+    assert {"maester_betaseg", "maester_tiny"} <= set(presets)
+    for name in presets:
+        assert isinstance(load_config(resolve_config(name)), PretrainConfig)
+
+
+def test_config_keys_are_dotted_and_complete():
+    keys = config_keys()
+    assert "train.steps" in keys and "model.pos_embed_weight" in keys and "data.planes" in keys
+    assert "name" in keys and not any(k.endswith(".") for k in keys)
