@@ -20,8 +20,8 @@ class MAEObjective(Objective):
 
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = module(batch)
-        mask = out["mask"]
-        return out["loss"], {"mask_ratio": float(mask.float().mean())}
+        mask = out.mask
+        return out.loss, {"mask_ratio": float(mask.float().mean())}
 
     @torch.no_grad()
     def save_figure(self, batch: torch.Tensor, path: Path) -> None:
@@ -30,16 +30,16 @@ class MAEObjective(Objective):
         model.eval()
         imgs = batch[:6].float()
         out = model(imgs)
-        pred = model.unpatchify(out["pred"].float())
+        pred = model.unpatchify(out.pred.float())
         if getattr(model, "norm_pix_loss", False):  # show predictions in pixel units
             target = model.patchify(imgs)
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = model.unpatchify(out["pred"].float() * (var + 1e-6).sqrt() + mean)
-        n, num_patches = out["mask"].shape
+            pred = model.unpatchify(out.pred.float() * (var + 1e-6).sqrt() + mean)
+        n, num_patches = out.mask.shape
         grid = int(round(num_patches**0.5))
         ps = imgs.shape[-1] // grid
-        mask_imgs = out["mask"].float().reshape(n, 1, grid, grid)
+        mask_imgs = out.mask.float().reshape(n, 1, grid, grid)
         mask_imgs = mask_imgs.repeat_interleave(ps, 2).repeat_interleave(ps, 3)
         plot_reconstructions(imgs.cpu().numpy(), mask_imgs.cpu().numpy(), pred.clamp(0, 1).cpu().numpy(), path,
-                             title=f"loss {float(out['loss']):.4f}")
+                             title=f"loss {float(out.loss):.4f}")
         model.train(was_training)
