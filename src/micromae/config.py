@@ -62,7 +62,7 @@ class DataConfig:
     key: str | None = None  # HDF5 dataset, when not given as file.h5:key
     root: str | None = None  # betaSeg folder
     betaseg_cells: list[str] = field(default_factory=lambda: ["high_c1", "high_c2", "high_c3"])
-    synthetic_shape: list[int] = field(default_factory=lambda: [64, 256, 256])
+    synthetic_shape: list[int] = field(default_factory=lambda: [96, 256, 256])  # Z + 2·pad ≥ FOV for ZX/ZY crops
     synthetic_seed: int = 0
     planes: list[str] = field(default_factory=lambda: ["YX", "ZX", "ZY"])
     pad: int = 4
@@ -169,6 +169,11 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise _type_error(key, t, value)
     if t is str:
         if isinstance(value, str):

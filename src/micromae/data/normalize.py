@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from micromae.errors import input_error
 
@@ -42,13 +43,15 @@ def sample_voxels(volume: Any, max_samples: int = 1_000_000, seed: int = 0) -> t
     volume: array-like with ``.shape`` and numpy-style slicing (numpy, memmap, zarr, lazy volume).
     Returns ``(values, complete)``: ``values`` is 1-D (about ``max_samples`` voxels or fewer) and
     ``complete`` is True when the whole volume was read (it holds at most ``max_samples`` voxels).
-    Larger volumes are sampled as random blocks of edge ``BLOCK_EDGE`` (clipped to the shape), so each
-    read is small and contiguous enough for chunked storage.
+    Larger volumes are sampled as random blocks of edge ``BLOCK_EDGE`` (less when ``max_samples`` is
+    small; clipped to the shape), so each read is small and suits chunked storage, and at most
+    ``max_samples`` voxels are read in all.
     """
     shape = tuple(int(s) for s in volume.shape)
     if math.prod(shape) <= max_samples:
         return np.asarray(volume[...]).ravel(), True
-    block = tuple(min(s, BLOCK_EDGE) for s in shape)
+    edge = min(BLOCK_EDGE, max(1, int(max_samples ** (1.0 / len(shape)))))  # so one block <= max_samples
+    block = tuple(min(s, edge) for s in shape)
     n_blocks = min(MAX_BLOCKS, max(1, max_samples // math.prod(block)))
     rng = np.random.default_rng(seed)
     starts = [rng.integers(0, s - b + 1, size=n_blocks) for s, b in zip(shape, block)]
@@ -148,16 +151,13 @@ def scale_intensity(x: Any, lo: Any, hi: Any) -> Any:
     (e.g. shape (B, 1, 1, 1) for one range per sample). Returns the same kind as ``x`` (float32).
     Raises MicromaeInputError where ``hi <= lo``.
     """
-    if not np.all(np.asarray(hi, dtype=np.float64) > np.asarray(lo, dtype=np.float64)):
+    lo_np, hi_np = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in (lo, hi))
+    if not np.all(hi_np.astype(np.float64) > lo_np.astype(np.float64)):
         raise input_error("intensity range", "hi > lo", f"lo={lo!r}, hi={hi!r}",
                           "A constant image cannot be normalised: drop it or pass a wider range")
-    if isinstance(x, np.ndarray) or np.isscalar(x):
-        lo32, hi32 = np.float32(lo) if np.isscalar(lo) else np.asarray(lo, np.float32), \
-            np.float32(hi) if np.isscalar(hi) else np.asarray(hi, np.float32)
-        out = (np.asarray(x, dtype=np.float32) - lo32) / (hi32 - lo32)
-        return np.clip(out, 0.0, 1.0, out=out) if isinstance(out, np.ndarray) else np.float32(np.clip(out, 0, 1))
-    import torch  # tensors: keep device, compute in float32
-
-    lo_t = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
-    hi_t = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
-    return ((x.to(torch.float32) - lo_t) / (hi_t - lo_t)).clamp_(0.0, 1.0)
+    if isinstance(x, torch.Tensor):  # keep the tensor's device
+        lo_t = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
+        hi_t = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
+        return ((x.to(torch.float32) - lo_t) / (hi_t - lo_t)).clamp_(0.0, 1.0)
+    lo32, hi32 = np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
+    return np.clip((np.asarray(x, dtype=np.float32) - lo32) / (hi32 - lo32), 0.0, 1.0)
