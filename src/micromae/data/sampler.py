@@ -272,11 +272,16 @@ def _as_is(item: Any) -> Any:
 
 def make_loader(sampler: PlaneCropSampler, batch_size: int, start_step: int = 0, num_workers: int = 0,
                 pin_memory: bool = False, num_steps: int | None = None) -> DataLoader:
-    """A DataLoader over :class:`CropStream` yielding ``(step, batch)`` in step order; persistent workers."""
+    """A DataLoader over :class:`CropStream` yielding ``(step, batch)`` in step order; persistent workers.
+
+    The loader gets a generator of its own: otherwise starting an iterator draws from torch's global RNG,
+    which would shift the masking noise of a resumed run away from an uninterrupted one.
+    """
     stream = CropStream(sampler, batch_size, start_step, num_steps)
     workers = _check_int("num_workers", num_workers, 0)
+    generator = torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.rank)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, collate_fn=_as_is)
+                      persistent_workers=workers > 0, collate_fn=_as_is, generator=generator)
 
 
 @dataclass(frozen=True)
