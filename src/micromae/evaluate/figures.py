@@ -35,18 +35,19 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
 
 def plot_reconstructions(imgs: np.ndarray, mask_imgs: np.ndarray, recon: np.ndarray, path: str | Path,
                          title: str = "", max_rows: int = 6) -> Path:
-    """Rows of (input, masked input, reconstruction with visible patches pasted, raw prediction).
+    """Rows of (input, masked input, reconstruction with the visible patches pasted back, error on masked patches).
 
     imgs, recon: (N, C, H, W) in [0, 1]; mask_imgs: (N, 1, H, W), 1 where a patch was masked.
     """
     n = min(max_rows, imgs.shape[0])
     fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
-    cols = ("input", "masked (encoder sees)", "reconstruction + visible", "prediction")
+    cols = ("input", "masked (encoder sees)", "reconstruction + visible", "|error| on masked")
     for i in range(n):
         m = mask_imgs[i]
         masked = imgs[i] * (1 - m) + 0.5 * m
         pasted = imgs[i] * (1 - m) + recon[i] * m
-        for j, im in enumerate((imgs[i], masked, pasted, recon[i])):
+        error = np.abs(recon[i] - imgs[i]) * m
+        for j, im in enumerate((imgs[i], masked, pasted, error)):
             ax = axes[i, j]
             ax.imshow(_to_display(im), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

@@ -1,0 +1,75 @@
+"""CLI verbs: info, data synth-em, config-keys, demo, --help, and the error exit path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from micromae.cli import build_parser, main
+from micromae.data.synthetic_em import make_em_volume
+
+
+def test_info_lists_versions_presets_and_samples(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("micromae", "torch", "timm", "device", "maester_tiny", "nuclei"):
+        assert needle in out
+
+
+def test_synth_em_writes_the_generators_volume(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth-em", "--out", str(out), "--shape", "12", "40", "48", "--seed", "3"]) == 0
+    image = tifffile.imread(out / "image.tif")
+    labels = tifffile.imread(out / "labels.tif")
+    ref = make_em_volume(shape=(12, 40, 48), seed=3)
+    assert np.array_equal(image, ref.image) and np.array_equal(labels, ref.labels)
+    assert json.loads((out / "classes.json").read_text())  # class names are written next to the labels
+
+
+def test_synth_em_betaseg_layout_loads_with_the_betaseg_loader(tmp_path):
+    from micromae.data.betaseg import list_betaseg_cells, load_betaseg_cell
+
+    out = tmp_path / "bs"
+    assert main(["data", "synth-em", "--out", str(out), "--shape", "12", "40", "48", "--betaseg-layout"]) == 0
+    (cell,) = list_betaseg_cells(out)
+    loaded = load_betaseg_cell(out, cell)
+    assert np.array_equal(loaded.image, make_em_volume(shape=(12, 40, 48), seed=0).image)
+
+
+def test_synth_em_rejects_bad_shape(capsys):
+    assert main(["data", "synth-em", "--out", "x", "--shape", "0", "40", "48"]) == 2
+    assert "expected" in capsys.readouterr().err
+
+
+def test_config_keys_prints_defaults(capsys):
+    assert main(["config-keys"]) == 0
+    out = capsys.readouterr().out
+    assert "model.pos_embed_weight = 0.08" in out and "train.steps = " in out
+
+
+@pytest.mark.parametrize("verb", [["info"], ["pretrain"], ["demo"], ["data", "synth-em"], ["config-keys"]])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*verb, "--help"])
+    assert exit_.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_missing_preset_names_the_presets(capsys):
+    assert main(["pretrain", "no_such_preset"]) == 2
+    assert "maester_tiny" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_resumes(tmp_path):
+    from micromae.demo import run_demo
+
+    outputs = run_demo(tmp_path / "demo", steps=20)
+    for key in ("loss_curve", "reconstruction", "checkpoint"):
+        assert outputs[key].is_file(), key
+    assert (tmp_path / "demo" / "data" / "image.tif").is_file()
+    again = run_demo(tmp_path / "demo", steps=20)  # second run resumes: nothing left to do, same checkpoint
+    assert again["checkpoint"].stat().st_mtime == outputs["checkpoint"].stat().st_mtime
