@@ -22,6 +22,7 @@ from micromae.io import (
     open_volume,
     require_axes,
     write_array,
+    write_files_atomically,
     write_hdf5,
     write_npy,
     write_tiff,
@@ -347,6 +348,22 @@ def test_write_tiff_yxc_round_trip(tmp_path, dtype):
         np.testing.assert_array_equal(volume.read(), np.moveaxis(yxc, -1, 0))
 
 
+@pytest.mark.parametrize("name", ["grey.tif", "grey.ome.tif"])
+@pytest.mark.parametrize("shape", [(3, 10, 12), (4, 10, 12), (4, 10, 3)])
+def test_three_or_four_slice_uint8_stack_is_written_as_grey_pages(tmp_path, name, shape):
+    """tifffile would store a (3|4, Y, X) stack, or one with 3 or 4 columns, as a single RGB(A) image."""
+    zyx = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    write_tiff(tmp_path / name, zyx)
+    with tifffile.TiffFile(tmp_path / name) as tif:
+        assert len(tif.pages) == shape[0]
+        for page in tif.pages:
+            assert page.photometric == tifffile.PHOTOMETRIC.MINISBLACK
+            assert page.samplesperpixel == 1 and page.shape == shape[1:]
+    with open_volume(tmp_path / name) as volume:
+        assert volume.axes == "ZYX"
+        np.testing.assert_array_equal(volume.read(), zyx)
+
+
 def test_zarr_writer_streams_blocks_and_write_zarr_copies_a_volume(tmp_path, stack):
     with ZarrWriter(tmp_path / "s.zarr", stack.shape, stack.dtype, chunks=(2, 6, 9), attrs={"axes": "ZYX"}) as w:
         assert not (tmp_path / "s.zarr").exists()
@@ -390,6 +407,50 @@ def test_atomic_path_renames_only_on_success(tmp_path):
             raise KeyboardInterrupt
     assert (tmp_path / "ckpt.pt").read_bytes() == b"weights"
     assert leftovers(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.fixture
+def file_set(stack) -> dict[str, np.ndarray]:
+    """A 4-slice image, a 0/255 mask and uint32 ids, all (4, 12, 9), named as files of one output."""
+    return {"image.tif": stack[:4], "mask.tif": (stack[:4] > 30000).astype(np.uint8) * 255,
+            "ids.tif": stack[:4].astype(np.uint32) * 70000}
+
+
+def test_write_files_atomically_writes_every_file(tmp_path, file_set):
+    (tmp_path / "mask.tif").write_bytes(b"old")  # replaced
+    written = write_files_atomically(tmp_path, file_set, texts={"meta.json": '{"a": 1}'}, compress=["mask.tif"])
+    assert written == {name: tmp_path / name for name in [*file_set, "meta.json"]}
+    assert leftovers(tmp_path) == sorted(written)
+    assert (tmp_path / "meta.json").read_text() == '{"a": 1}'
+    for name, array in file_set.items():
+        with open_volume(tmp_path / name, check=False) as volume:
+            assert volume.axes == "ZYX" and volume.dtype == array.dtype
+            np.testing.assert_array_equal(volume.read(), array)
+        with tifffile.TiffFile(tmp_path / name) as tif:
+            assert len(tif.pages) == 4
+            compressed = tif.pages[0].compression != tifffile.COMPRESSION.NONE
+            assert compressed == (name == "mask.tif")
+
+
+def test_write_files_atomically_leaves_nothing_when_one_file_fails(tmp_path, file_set, monkeypatch):
+    real = writers_module.tifffile.imwrite
+
+    def fail_on_ids(path, data, **kwargs):
+        if str(path).endswith("ids.tif"):
+            with open(path, "wb") as file:
+                file.write(b"II*\x00partial")
+            raise OSError("disk full")
+        return real(path, data, **kwargs)
+
+    (tmp_path / "image.tif").write_bytes(b"old")
+    monkeypatch.setattr(writers_module.tifffile, "imwrite", fail_on_ids)
+    with pytest.raises(OSError, match="disk full"):
+        write_files_atomically(tmp_path, file_set, texts={"meta.json": "{}"})
+    assert leftovers(tmp_path) == ["image.tif"]  # no new file, no temporary sibling
+    assert (tmp_path / "image.tif").read_bytes() == b"old"  # the old file is untouched
+    (tmp_path / "not_a_folder").write_bytes(b"")
+    with raises_input_error("not_a_folder", "a folder"):
+        write_files_atomically(tmp_path / "not_a_folder", file_set)
 
 
 def test_overwrite_is_refused_unless_asked(tmp_path, stack):

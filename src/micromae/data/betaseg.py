@@ -22,8 +22,6 @@ cell (with a warning). The paper's split is ``BETASEG_SPLIT``: train on high_c1â
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import tifffile
 
 from micromae.errors import input_error
+from micromae.io import write_files_atomically
 
 __all__ = [
     "BETASEG_SPLIT",
@@ -41,7 +40,6 @@ __all__ = [
     "list_betaseg_cells",
     "load_betaseg_cell",
     "write_betaseg_cell",
-    "write_files_atomically",
 ]
 
 BETASEG_SPLIT = {"train": ["high_c1", "high_c2", "high_c3"], "test": ["high_c4"]}
@@ -160,42 +158,14 @@ def load_betaseg_cell(root: str | Path, cell: str) -> BetaSegCell:
     return BetaSegCell(name=cell, image=image, labels=labels, cell_mask=cell_mask, class_names=tuple(class_names))
 
 
-def write_files_atomically(out_dir: str | Path, arrays: dict[str, np.ndarray],
-                           texts: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write {file name: (Z, Y, X) array} as TIFFs (and {name: text} files) into ``out_dir``.
-
-    Everything is written into a temporary folder inside ``out_dir`` first, then each file is moved into
-    place with an atomic rename, so a reader never sees a half-written file and a failure leaves none.
-    Returns {file name: final path}.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise input_error(f"output folder '{out_dir}'", "a folder", "a file", "Choose another output path")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".micromae-tmp-", dir=out_dir))
-    try:
-        for name, array in arrays.items():
-            compression = None if name.endswith("image.tif") or "_source" in name else "zlib"
-            tifffile.imwrite(tmp / name, array, photometric="minisblack", compression=compression,
-                             metadata={"axes": "ZYX"})
-        for name, text in (texts or {}).items():
-            (tmp / name).write_text(text)
-        written = {}
-        for name in list(arrays) + list(texts or {}):
-            os.replace(tmp / name, out_dir / name)
-            written[name] = out_dir / name
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_betaseg_cell(out_dir: str | Path, cell: str, image: np.ndarray, masks: dict[str, np.ndarray],
                        cell_mask: np.ndarray) -> dict[str, Path]:
     """Write one cell in the betaSeg layout, flat into ``out_dir``; return {role: path}.
 
     ``masks`` maps organelle names of ``ORGANELLES`` to (Z, Y, X) bool arrays, written as uint8 0/255
     ``<cell><suffix>.tif``; ``cell_mask`` becomes ``<cell>_membrane_full_mask.tif``. Organelles absent from
-    ``masks`` are not written (the loader then leaves their class out).
+    ``masks`` are not written (the loader then leaves their class out). The masks are zlib-compressed, the
+    source is not; the files appear all together or, on a failure, not at all.
     """
     if not cell or Path(cell).name != cell:
         raise input_error("betaSeg cell name", "a plain name such as 'high_c1'", repr(cell), "Drop any folder part")
@@ -208,5 +178,5 @@ def write_betaseg_cell(out_dir: str | Path, cell: str, image: np.ndarray, masks:
     for organelle, mask in masks.items():
         roles[organelle] = f"{cell}{MASK_SUFFIXES[organelle]}.tif"
         arrays[roles[organelle]] = np.asarray(mask, dtype=bool).astype(np.uint8) * 255
-    written = write_files_atomically(out_dir, arrays)
+    written = write_files_atomically(out_dir, arrays, compress=[n for r, n in roles.items() if r != "source"])
     return {role: written[name] for role, name in roles.items()}

@@ -8,6 +8,12 @@ Planes are named by their two in-plane axes of a (Z, Y, X) volume: ``"YX"`` is a
 slice, ``"ZY"`` an X slice. Letter order does not matter (``"XY"``, ``"XZ"``, ``"YZ"`` are aliases); crops
 always have the earlier axis of (Z, Y, X) as rows, which is harmless since crops are also flipped.
 
+With ``label_volumes`` (one integer (Z, Y, X) volume per image volume, e.g. semantic labels), every crop
+also gets its label crop, cut with the same geometry (same plane, slice, window, crop and flips) but resized
+with nearest-neighbour (``"nearest-exact"``, which samples the same pixel centres as the bilinear image
+resize) and never scaled; constant padding gets ``ignore_index``. ``sample_batch`` then returns
+``(imgs, labels)``.
+
 Randomness comes only from ``np.random.default_rng([seed, rank, step])``. The public MAESTER code re-seeded
 every data-loader worker to 42 each epoch and so replayed the same crops for the whole run; here every step
 of every rank draws fresh crops, a run is reproducible from one seed, and resuming at step ``s`` replays
@@ -68,6 +74,8 @@ class PlaneCropSampler:
     probability of a horizontal (MAESTER's) / vertical flip. normalize, percentiles: see
     :func:`micromae.data.normalize.intensity_range`; ranges are computed once per volume here.
     seed, rank: the run seed and the distributed rank. volume_weights: sampling weights (None: uniform).
+    label_volumes: None, or one integer (Z, Y, X) array-like per volume, same shape (read lazily too);
+    ignore_index: the label given to constant padding (and meaning "unlabelled" to the loss).
     Resizing is ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``: crops are never
     larger than the FOV, so resizing only enlarges (1x-2x for min_crop_frac=0.5) and antialiasing, which
     only matters when shrinking, is off.
@@ -76,8 +84,11 @@ class PlaneCropSampler:
     def __init__(self, volumes: Sequence[Any] | Any, fov: int = 80, planes: Sequence[str] = ("YX", "ZX", "ZY"),
                  pad: int = 4, pad_mode: str = "constant", min_crop_frac: float = 0.5, flip_p: float = 0.5,
                  vflip_p: float = 0.0, normalize: str = "dtype", percentiles: tuple[float, float] = (0.5, 99.5),
-                 seed: int = 0, rank: int = 0, volume_weights: Sequence[float] | None = None) -> None:
+                 seed: int = 0, rank: int = 0, volume_weights: Sequence[float] | None = None,
+                 label_volumes: Sequence[Any] | Any | None = None, ignore_index: int = 255) -> None:
         self.volumes = _check_volumes(volumes)
+        self.label_volumes = _check_label_volumes(label_volumes, self.volumes)
+        self.ignore_index = _check_int("ignore_index", ignore_index, 0)
         self.fov = _check_int("fov", fov, 1)
         self.pad = _check_int("pad", pad, 0)
         self.seed, self.rank = _check_int("seed", seed, 0), _check_int("rank", rank, 0)
@@ -138,11 +149,15 @@ class PlaneCropSampler:
         return CropParams(volume, plane, slice_index, window_row, window_col, crop_h, crop_w, crop_row, crop_col,
                           hflip, vflip)
 
-    def sample_batch(self, step: int, batch_size: int,
-                     return_params: bool = False) -> torch.Tensor | tuple[torch.Tensor, CropParams]:
-        """Batch ``step``: float32 ``(batch_size, 1, fov, fov)`` in [0, 1] (and its CropParams if asked)."""
+    def sample_batch(self, step: int, batch_size: int, return_params: bool = False) -> Any:
+        """Batch ``step``: float32 ``(batch_size, 1, fov, fov)`` in [0, 1] (and its CropParams if asked).
+
+        With label volumes the batch is the pair ``(imgs, labels)``, labels int64 ``(batch_size, fov, fov)``.
+        """
         params = self.draw_params(step, batch_size)
         batch = self.crops(params)
+        if self.label_volumes is not None:
+            batch = (batch, self.label_crops(params))
         return (batch, params) if return_params else batch
 
     def crops(self, params: CropParams) -> torch.Tensor:
@@ -166,9 +181,35 @@ class PlaneCropSampler:
                 out[idx] = out[idx].flip(dim)
         return out
 
-    def _read_crop(self, params: CropParams, b: int, dest: np.ndarray) -> None:
-        """Write crop ``b`` in raw intensities into ``dest`` ``(crop_h, crop_w)``; constant padding is ``lo``."""
-        volume = self.volumes[params.volume[b]]
+    def label_crops(self, params: CropParams) -> torch.Tensor:
+        """The label crops of ``params``: int64 ``(B, fov, fov)``, aligned with :meth:`crops` pixel for pixel."""
+        if self.label_volumes is None:
+            raise input_error("label crops", "a sampler built with label_volumes", "none",
+                              "Pass label_volumes=[labels, ...] to PlaneCropSampler")
+        fov, batch = self.fov, len(params.volume)
+        out = torch.empty(batch, fov, fov, dtype=torch.int64)
+        for b in range(batch):
+            raw = np.empty((params.crop_h[b], params.crop_w[b]), dtype=np.int64)
+            self._read_crop(params, b, raw, self.label_volumes, float(self.ignore_index))
+            crop = torch.from_numpy(raw)
+            if crop.shape != (fov, fov):  # nearest-exact samples the pixel centres the bilinear resize uses
+                crop = F.interpolate(crop[None, None].double(), size=(fov, fov), mode="nearest-exact")[0, 0].long()
+            out[b] = crop
+        for flags, dim in ((params.hflip, -1), (params.vflip, -2)):
+            idx = torch.from_numpy(np.flatnonzero(flags))
+            if len(idx):
+                out[idx] = out[idx].flip(dim)
+        return out
+
+    def _read_crop(self, params: CropParams, b: int, dest: np.ndarray, volumes: Sequence[Any] | None = None,
+                   fill: float | None = None) -> None:
+        """Write crop ``b`` of ``volumes`` (default: the images) into ``dest`` ``(crop_h, crop_w)``.
+
+        Constant padding is ``fill`` (default: the volume's ``lo``, which scales to 0).
+        """
+        volume = (self.volumes if volumes is None else volumes)[params.volume[b]]
+        if fill is None:
+            fill = self._range_table[params.volume[b], 0]
         slice_axis, row_axis, col_axis = PLANES[self.planes[params.plane[b]]]
         h, w = dest.shape
         row0 = int(params.window_row[b] + params.crop_row[b]) - self.pad  # in volume coordinates
@@ -176,7 +217,7 @@ class PlaneCropSampler:
         rows = _source_span(row0, h, volume.shape[row_axis], self.pad_mode)
         cols = _source_span(col0, w, volume.shape[col_axis], self.pad_mode)
         if rows is None or cols is None or (rows[1], cols[1]) != (slice(0, h), slice(0, w)):
-            dest.fill(self._range_table[params.volume[b], 0])  # scales to 0
+            dest.fill(fill)
         if rows is None or cols is None:  # the crop lies entirely in the constant padding
             return
         index: list[Any] = [None] * 3
@@ -190,7 +231,10 @@ class PlaneCropSampler:
 
     def describe(self) -> dict[str, Any]:
         """The sampler's settings, for logs and run directories (JSON-serialisable)."""
-        return {
+        labels = None if self.label_volumes is None else {
+            "ignore_index": self.ignore_index, "resize": "nearest-exact",
+            "dtypes": [str(np.dtype(v.dtype)) for v in self.label_volumes]}
+        return {"labels": labels,
             "sampler": type(self).__name__, "fov": self.fov, "planes": list(self.planes), "pad": self.pad,
             "pad_mode": self.pad_mode, "min_crop_frac": self.min_crop_frac, "crop_sides": [self.min_crop, self.fov],
             "resize": "bilinear, align_corners=False, antialias=False", "flip_p": self.flip_p,
@@ -204,10 +248,14 @@ class PlaneCropSampler:
         """Pickle memory-mapped volumes as (file, offset, dtype, shape) so spawned workers do not copy them."""
         state = self.__dict__.copy()
         state["volumes"] = [_MemmapRef.of(v) or v for v in self.volumes]
+        if self.label_volumes is not None:
+            state["label_volumes"] = [_MemmapRef.of(v) or v for v in self.label_volumes]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["volumes"] = [v.open() if isinstance(v, _MemmapRef) else v for v in state["volumes"]]
+        if state.get("label_volumes") is not None:
+            state["label_volumes"] = [v.open() if isinstance(v, _MemmapRef) else v for v in state["label_volumes"]]
         self.__dict__.update(state)
 
 
@@ -322,6 +370,27 @@ def _check_volumes(volumes: Any) -> list[Any]:
         if min(shape) < 1:
             raise input_error(f"volume {i}", "a non-empty volume", f"shape {shape}", "Drop the empty volume")
     return volumes
+
+
+def _check_label_volumes(labels: Any, volumes: list[Any]) -> list[Any] | None:
+    """None, or one integer array-like per image volume with the same shape."""
+    if labels is None:
+        return None
+    labels = [labels] if hasattr(labels, "shape") else list(labels)
+    if len(labels) != len(volumes):
+        raise input_error("label_volumes", f"one label volume per image volume ({len(volumes)})",
+                          f"{len(labels)} label volumes", "Pass the labels in the order of the images")
+    for i, (lab, vol) in enumerate(zip(labels, volumes)):
+        if not all(hasattr(lab, a) for a in ("shape", "dtype", "__getitem__")):
+            raise input_error(f"label volume {i}", "an array-like with .shape, .dtype and slicing",
+                              type(lab).__name__, "Pass a numpy, zarr or micromae.io volume")
+        if tuple(lab.shape) != tuple(vol.shape):
+            raise input_error(f"label volume {i}", f"the shape of its image volume {tuple(vol.shape)}",
+                              f"shape {tuple(lab.shape)}", "Pass the labels that belong to this image")
+        if np.dtype(lab.dtype).kind not in "biu":
+            raise input_error(f"label volume {i}", "integer class labels", f"dtype {np.dtype(lab.dtype)}",
+                              "Convert the labels to uint8/uint16 class indices")
+    return labels
 
 
 def _check_planes(planes: Sequence[str]) -> tuple[str, ...]:

@@ -12,8 +12,8 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,26 +91,65 @@ def _prepare(array: Any, axes: str | None) -> tuple[np.ndarray, str | None]:
     return to_canonical(array, axes, "array to write")
 
 
+def _imwrite_tiff(path: Path, data: np.ndarray, canon: str, compression: str | None) -> None:
+    """Write canonical-order ``data`` (axes ``canon``) to ``path`` itself, not atomically.
+
+    Every plane is a grey page (``photometric="minisblack"``): without it tifffile would store a
+    (3 or 4, Y, X) stack as one RGB(A) image. ``*.ome.tif(f)`` names get OME-XML; other names get an
+    ImageJ hyperstack when the dtype allows (uint8, uint16, float32) and OME-XML otherwise.
+    """
+    ome_name = path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+    if not ome_name and data.dtype in _IMAGEJ_DTYPES and data.nbytes < _BIGTIFF_BYTES:
+        ij_axes = "".join(a for a in "ZCYX" if a in canon)  # ImageJ wants its own order TZCYXS: C after Z
+        data = np.transpose(data, [canon.index(a) for a in ij_axes])
+        tifffile.imwrite(path, data, imagej=True, photometric="minisblack", metadata={"axes": ij_axes},
+                         compression=compression)
+    else:
+        tifffile.imwrite(path, data, ome=True, photometric="minisblack", metadata={"axes": canon},
+                         bigtiff=data.nbytes >= _BIGTIFF_BYTES, compression=compression)
+
+
 def write_tiff(path: str | os.PathLike, array: Any, axes: str | None = None, *,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, compression: str | None = None) -> Path:
     """Write ``array`` (dims named by ``axes``, default by rank) to a TIFF file, atomically.
 
     ``*.ome.tif(f)`` gets OME-XML metadata; other names get an ImageJ hyperstack when the dtype allows
-    (uint8, uint16, float32) and OME-XML otherwise. Data are stored in canonical order.
+    (uint8, uint16, float32) and OME-XML otherwise. Data are stored in canonical order, one grey page per
+    plane. ``compression`` is passed to tifffile (e.g. ``"zlib"``; default none).
     """
     data, canon = to_canonical(np.asarray(array), axes, "array to write")
     target = Path(path)
-    imagej = not target.name.lower().endswith((".ome.tif", ".ome.tiff")) and data.dtype in _IMAGEJ_DTYPES
-    imagej = imagej and data.nbytes < _BIGTIFF_BYTES
-    with atomic_path(target, overwrite) as tmp:
-        if imagej:  # ImageJ wants its own order TZCYXS: channels after Z
-            ij_axes = "".join(a for a in "ZCYX" if a in canon)
-            data = np.transpose(data, [canon.index(a) for a in ij_axes])
-            tifffile.imwrite(tmp, data, imagej=True, photometric="minisblack", metadata={"axes": ij_axes})
-        else:
-            tifffile.imwrite(tmp, data, ome=True, photometric="minisblack", metadata={"axes": canon},
-                             bigtiff=data.nbytes >= _BIGTIFF_BYTES)
+    with atomic_path(target, overwrite) as tmp:  # tmp ends with target's name: same format choice
+        _imwrite_tiff(tmp, data, canon, compression)
     return target
+
+
+def write_files_atomically(out_dir: str | os.PathLike, arrays: dict[str, Any],
+                           texts: dict[str, str] | None = None, *,
+                           compress: Collection[str] = ()) -> dict[str, Path]:
+    """Write {file name: array} as TIFFs (see :func:`write_tiff`) and {file name: text} into ``out_dir``.
+
+    All or nothing: every file goes to its own temporary sibling (:func:`atomic_path`), and the files are
+    renamed into place only after all of them were written, so a failure leaves none behind and a reader
+    never sees a half-written file. Existing files of the same names are replaced. Arrays of rank 2, 3
+    and 4 are stored as YX, ZYX and CZYX; names in ``compress`` are zlib-compressed. Returns
+    {file name: final path}.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise input_error(f"output folder '{out_dir}'", "a folder", "a file", "Choose another output path")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    with ExitStack() as pending:  # on exit, renames every finished file, or removes all on an error
+        for name, array in arrays.items():
+            data, canon = to_canonical(np.asarray(array), None, f"array '{name}'")
+            tmp = pending.enter_context(atomic_path(out_dir / name, overwrite=True))
+            _imwrite_tiff(tmp, data, canon, "zlib" if name in compress else None)
+            written[name] = out_dir / name
+        for name, text in (texts or {}).items():
+            pending.enter_context(atomic_path(out_dir / name, overwrite=True)).write_text(text)
+            written[name] = out_dir / name
+    return written
 
 
 def write_npy(path: str | os.PathLike, array: Any, axes: str | None = None, *, overwrite: bool = False) -> Path:

@@ -9,6 +9,7 @@ leaves a truncated checkpoint at the real name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -88,3 +89,26 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_pretrained_encoder(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The ViT encoder of a pre-training checkpoint, ready for inference, and the checkpoint's config dict.
+
+    Returns ``(encoder, config_dict, sha256_of_file)``; the hash ties outputs (cluster centres, label volumes)
+    to the exact weights that made them.
+    """
+    from micromae.config import ModelConfig, from_dict
+    from micromae.models import MaskedAutoencoder
+
+    state = load_checkpoint(path, map_location=map_location)
+    config = state.get("config") or {}
+    model_cfg = from_dict(ModelConfig, config.get("model", {}))
+    mae = MaskedAutoencoder(**dataclasses.asdict(model_cfg))
+    try:
+        mae.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise input_error(f"checkpoint '{path}'", "MAE weights matching the checkpoint's own model config",
+                          f"a mismatch ({str(exc).splitlines()[0]})",
+                          "Pass a checkpoint written by micromae pretrain") from exc
+    encoder = mae.encoder.eval()
+    return encoder, config, file_sha256(path)
