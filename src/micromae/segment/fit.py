@@ -1,0 +1,102 @@
+"""Fit k-means (and optionally PCA) on exact pixel embeddings sampled at random from a volume.
+
+One encoder window gives the exact embeddings of the ``c x c`` pixels its central tokens are centred on, so a
+random sample of pixel embeddings costs one window per ``c**2`` pixels, the same rate as cover-and-stride,
+without embedding the whole volume first. The sample also carries each pixel's (z, y, x) position, so it can
+be coloured by reference labels (UMAP figure) or restricted to a region (a cell mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from micromae.errors import input_error
+from micromae.segment.cluster import ClusterModel, fit_kmeans
+from micromae.segment.cover_stride import encode_windows, encoder_geometry, eval_mode, read_padded
+from micromae.segment.planes import PlaneView, check_axis
+
+
+@dataclass
+class EmbeddingSample:
+    """features: (N, D) float32 exact pixel embeddings; coords: (N, 3) int64 (z, y, x) of each pixel."""
+
+    features: np.ndarray
+    coords: np.ndarray
+
+
+@torch.inference_mode()
+def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, intensity_range: tuple[float, float],
+                            axes: tuple[int, ...] = (0,), central_tokens: int = 4, pad_mode: str = "reflect",
+                            mask: Any = None, max_slices: int = 64, batch_size: int = 256, seed: int = 0,
+                            progress: bool = True) -> EmbeddingSample:
+    """Exact embeddings of about ``n_samples`` random pixels of ``volume`` (Z, Y, X).
+
+    Slices are drawn at random along ``axes`` (at most ``max_slices`` of them, each read once); inside a slice
+    random windows are encoded and their central tokens kept. With ``mask`` (same shape, nonzero = keep) only
+    pixels inside the mask are kept (and at least one must be).
+    """
+    geom = encoder_geometry(encoder, central_tokens, "exact")
+    p, c, h = geom.patch, geom.central, geom.half
+    o, fov = geom.offset(0), geom.fov(0)
+    rng = np.random.default_rng(seed)
+    axes = tuple(check_axis(a) for a in axes)
+    shape = tuple(int(s) for s in volume.shape)
+    if mask is not None and tuple(mask.shape) != shape:
+        raise input_error("mask", f"the volume's shape {shape}", f"shape {tuple(mask.shape)}",
+                          "Pass a mask of the same size as the volume")
+    picks = [(a, int(i)) for a in axes for i in range(shape[a])]
+    order = rng.permutation(len(picks))[:max_slices]
+    per_slice = int(np.ceil(n_samples / len(order)))
+    device = next(encoder.parameters()).device
+    feats, coords = [], []
+    with eval_mode(encoder):
+        for k in tqdm(order, desc="sampling embeddings", unit="slice", disable=not progress):
+            axis, index = picks[k]
+            plane = PlaneView(volume, axis, index)
+            height, width = plane.shape
+            ys, xs = np.arange(-fov, height + fov), np.arange(-fov, width + fov)
+            padded = read_padded(plane, ys, xs, pad_mode, intensity_range, device)[0]  # (C, Hp, Wp)
+            keep = None if mask is None else np.asarray(PlaneView(mask, axis, index)[:, :]) != 0
+            n_windows = max(1, int(np.ceil(per_slice / (c * c))))
+            # first central token centred on (y, x); its window starts at (y - h - o*p, x - h - o*p)
+            y = rng.integers(-(c - 1) * p, height, n_windows)
+            x = rng.integers(-(c - 1) * p, width, n_windows)
+            wy = torch.as_tensor(y - h - o * p + fov, device=device)
+            wx = torch.as_tensor(x - h - o * p + fov, device=device)
+            all_windows = padded.unfold(1, fov, 1).unfold(2, fov, 1)  # (C, nY, nX, F, F) view, no copy
+            steps = p * np.arange(c)
+            for start in range(0, n_windows, batch_size):
+                sl = slice(start, start + batch_size)
+                windows = all_windows[:, wy[sl], wx[sl]].transpose(0, 1).contiguous()  # (n, C, F, F)
+                tokens = encode_windows(encoder, windows)[:, o:o + c, o:o + c].float().cpu().numpy()
+                n = windows.shape[0]
+                py = np.broadcast_to(y[sl, None, None] + steps[None, :, None], (n, c, c))
+                px = np.broadcast_to(x[sl, None, None] + steps[None, None, :], (n, c, c))
+                inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+                if keep is not None:
+                    inside &= keep[np.clip(py, 0, height - 1), np.clip(px, 0, width - 1)]
+                feats.append(tokens[inside])
+                vol_coords = [py[inside], px[inside]]
+                vol_coords.insert(axis, np.full(int(inside.sum()), index))
+                coords.append(np.stack(vol_coords, 1))
+    features = np.concatenate(feats) if feats else np.zeros((0, geom.embed_dim), np.float32)
+    if len(features) == 0:
+        raise input_error("pixel sample", "some pixels inside the mask", "none in the sampled slices",
+                          "Check the mask, or raise max_slices")
+    coords_all = np.concatenate(coords).astype(np.int64)
+    if len(features) > n_samples:
+        pick = np.sort(rng.choice(len(features), n_samples, replace=False))
+        features, coords_all = features[pick], coords_all[pick]
+    return EmbeddingSample(features.astype(np.float32), coords_all)
+
+
+def fit_cluster_models(sample: EmbeddingSample, ks: list[int], seed: int = 0,
+                       meta: dict[str, Any] | None = None) -> dict[int, ClusterModel]:
+    """One k-means model per k in ``ks`` on the same sample (for a k sweep)."""
+    return {k: fit_kmeans(sample.features, k, seed=seed, meta=meta) for k in ks}
