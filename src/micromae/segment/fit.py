@@ -32,7 +32,7 @@ class EmbeddingSample:
 
 @torch.inference_mode()
 def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, intensity_range: tuple[float, float],
-                            axes: tuple[int, ...] = (0,), central_tokens: int = 4, pad_mode: str = "reflect",
+                            axes: tuple[int, ...] = (0,), central_tokens: int | None = None, pad_mode: str = "reflect",
                             mask: Any = None, max_slices: int = 64, batch_size: int = 256, seed: int = 0,
                             progress: bool = True) -> EmbeddingSample:
     """Exact embeddings of about ``n_samples`` random pixels of ``volume`` (Z, Y, X).

@@ -40,7 +40,7 @@ from micromae.segment.planes import PlaneView, check_axis, plane_index, plane_sh
 class SegmentSettings:
     """How pixel embeddings are computed (see :mod:`micromae.segment.cover_stride`)."""
 
-    central_tokens: int = 4
+    central_tokens: int | None = None  # None: 4 in exact mode, g/2 in fast mode
     mode: str = "exact"  # exact | fast
     pad_mode: str = "reflect"
     axes: tuple[int, ...] = (0,)  # (0,): slice by slice along Z; (0, 1, 2): tri-planar
