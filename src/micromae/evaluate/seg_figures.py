@@ -142,11 +142,12 @@ def _overlay(grey: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: fl
 
 def plot_overlays(image: Any, ref: Any, pred: Any, path: str | Path, slices: Sequence[int] | None = None,
                   class_names: Sequence[str] | None = None, alpha: float = 0.45,
-                  skip_classes: Sequence[int] = (), title: str = "") -> Path:
+                  skip_classes: Sequence[int] = (), title: str = "", slice_names: Sequence[Any] | None = None) -> Path:
     """Grid of z-slices: image, reference overlay, prediction overlay, with one fixed colour per class.
 
     image, ref, pred: (Z, Y, X) (pred: class indices after mapping, -1 = unassigned); slices: z indices
-    (default three spread through the volume); skip_classes: labels left untinted (e.g. 0 = outside).
+    (default three spread through the volume); skip_classes: labels left untinted (e.g. 0 = outside);
+    slice_names: what to call each shown slice (default its index; e.g. the z of a slab cut from a volume).
     """
     image, ref, pred = np.asarray(image), np.asarray(ref), np.asarray(pred)
     if image.ndim != 3 or ref.shape != image.shape or pred.shape != image.shape:
@@ -168,7 +169,7 @@ def plot_overlays(image: Any, ref: Any, pred: Any, path: str | Path, slices: Seq
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{name}, z={s}", fontsize=8)
+            ax.set_title(f"{name}, z={s if slice_names is None else slice_names[row]}", fontsize=8)
     present = sorted((set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())) - set(skip_classes))
     fig.legend(handles=_legend_handles(present, names, colors), loc="lower center", ncol=min(6, len(present)),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))

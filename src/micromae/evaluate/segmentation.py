@@ -107,7 +107,8 @@ def _figures(result, main, ref, msk, image, group, names, rows, out_dir, umap_po
         if msk is not None:
             pred_sl = np.where(pick(msk) != 0, pred_sl, 0)
         figs["Slices: image, reference, prediction (Hungarian mapping)"] = plot_overlays(
-            pick(img), pick(ref), pred_sl, out_dir / "overlays.png", class_names=names)
+            pick(img), pick(ref), pred_sl, out_dir / "overlays.png", slices=range(len(zs)), class_names=names,
+            slice_names=[int(z) for z in zs])
     mapped = relabel(np.asarray(main[:]), mapping)
     if msk is not None:
         mapped = np.where(np.asarray(msk[:]) != 0, mapped, 0)

@@ -1,6 +1,7 @@
 """Fit k-means (and optionally PCA) on exact pixel embeddings sampled at random from a volume.
 
-One encoder window gives the exact embeddings of the ``c x c`` pixels its central tokens are centred on, so a
+One encoder window gives the exact embeddings of the ``c x c`` pixels its central tokens are centred on (the
+windows lie on cover-and-stride's lattice, so they are the very embeddings the segmentation computes), so a
 random sample of pixel embeddings costs one window per ``c**2`` pixels, the same rate as cover-and-stride,
 without embedding the whole volume first. The sample also carries each pixel's (z, y, x) position, so it can
 be coloured by reference labels (UMAP figure) or restricted to a region (a cell mask).
@@ -42,8 +43,7 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
     pixels inside the mask are kept (and at least one must be).
     """
     geom = encoder_geometry(encoder, central_tokens, "exact")
-    p, c, h = geom.patch, geom.central, geom.half
-    o, fov = geom.offset(0), geom.fov(0)
+    p, c, fov = geom.patch, geom.central, geom.fov(0)
     rng = np.random.default_rng(seed)
     axes = tuple(check_axis(a) for a in axes)
     shape = tuple(int(s) for s in volume.shape)
@@ -63,28 +63,21 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
             ys, xs = np.arange(-fov, height + fov), np.arange(-fov, width + fov)
             padded = read_padded(plane, ys, xs, pad_mode, intensity_range, device)[0]  # (C, Hp, Wp)
             keep = None if mask is None else np.asarray(PlaneView(mask, axis, index)[:, :]) != 0
-            n_windows = max(1, int(np.ceil(per_slice / (c * c))))
-            # first central token centred on (y, x); its window starts at (y - h - o*p, x - h - o*p)
-            y = rng.integers(-(c - 1) * p, height, n_windows)
-            x = rng.integers(-(c - 1) * p, width, n_windows)
-            wy = torch.as_tensor(y - h - o * p + fov, device=device)
-            wx = torch.as_tensor(x - h - o * p + fov, device=device)
-            all_windows = padded.unfold(1, fov, 1).unfold(2, fov, 1)  # (C, nY, nX, F, F) view, no copy
-            steps = p * np.arange(c)
-            for start in range(0, n_windows, batch_size):
-                sl = slice(start, start + batch_size)
-                windows = all_windows[:, wy[sl], wx[sl]].transpose(0, 1).contiguous()  # (n, C, F, F)
-                tokens = encode_windows(encoder, windows)[:, o:o + c, o:o + c].float().cpu().numpy()
-                n = windows.shape[0]
-                py = np.broadcast_to(y[sl, None, None] + steps[None, :, None], (n, c, c))
-                px = np.broadcast_to(x[sl, None, None] + steps[None, None, :], (n, c, c))
-                inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
-                if keep is not None:
-                    inside &= keep[np.clip(py, 0, height - 1), np.clip(px, 0, width - 1)]
-                feats.append(tokens[inside])
-                vol_coords = [py[inside], px[inside]]
-                vol_coords.insert(axis, np.full(int(inside.sum()), index))
-                coords.append(np.stack(vol_coords, 1))
+            # Windows on cover-and-stride's lattice (block origin + shift), so every sampled embedding is the
+            # one the segmentation computes for that pixel. Tokens past the plane's edge are dropped.
+            block = c * p
+            n_by, n_bx = -(-height // block), -(-width // block)
+            inside_frac = height * width / (n_by * n_bx * block * block)
+            got, rounds = 0, 0
+            while got < per_slice and rounds < 4:
+                n_windows = int(np.ceil(1.2 * (per_slice - got) / (c * c * inside_frac))) + 1
+                y = block * rng.integers(0, n_by, n_windows) + rng.integers(0, p, n_windows)
+                x = block * rng.integers(0, n_bx, n_windows) + rng.integers(0, p, n_windows)
+                f, xyz = _encode_sampled(encoder, padded, y, x, geom, fov, keep, axis, index, batch_size)
+                feats.append(f)
+                coords.append(xyz)
+                got += len(f)
+                rounds += 1
     features = np.concatenate(feats) if feats else np.zeros((0, geom.embed_dim), np.float32)
     if len(features) == 0:
         raise input_error("pixel sample", "some pixels inside the mask", "none in the sampled slices",
@@ -94,6 +87,36 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
         pick = np.sort(rng.choice(len(features), n_samples, replace=False))
         features, coords_all = features[pick], coords_all[pick]
     return EmbeddingSample(features.astype(np.float32), coords_all)
+
+
+def _encode_sampled(encoder: nn.Module, padded: torch.Tensor, y: np.ndarray, x: np.ndarray, geom: Any, fov: int,
+                    keep: np.ndarray | None, axis: int, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the windows whose first central token is centred on (y[i], x[i]) in plane ``index`` along
+    ``axis``; return the exact embeddings (n, D) of the central tokens that lie in the plane (and in ``keep``)
+    and their volume coordinates (n, 3). padded: (C, H + 2*fov, W + 2*fov), index 0 at coordinate -fov."""
+    p, c, h, o = geom.patch, geom.central, geom.half, geom.offset(0)
+    height, width = padded.shape[1] - 2 * fov, padded.shape[2] - 2 * fov
+    device = padded.device
+    wy = torch.as_tensor(y - h - o * p + fov, device=device)
+    wx = torch.as_tensor(x - h - o * p + fov, device=device)
+    all_windows = padded.unfold(1, fov, 1).unfold(2, fov, 1)  # (C, nY, nX, F, F) view, no copy
+    steps = p * np.arange(c)
+    feats, coords = [], []
+    for start in range(0, len(y), batch_size):
+        sl = slice(start, start + batch_size)
+        windows = all_windows[:, wy[sl], wx[sl]].transpose(0, 1).contiguous()  # (n, C, F, F)
+        tokens = encode_windows(encoder, windows)[:, o:o + c, o:o + c].float().cpu().numpy()
+        n = windows.shape[0]
+        py = np.broadcast_to(y[sl, None, None] + steps[None, :, None], (n, c, c))
+        px = np.broadcast_to(x[sl, None, None] + steps[None, None, :], (n, c, c))
+        inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+        if keep is not None:
+            inside &= keep[np.clip(py, 0, height - 1), np.clip(px, 0, width - 1)]
+        feats.append(tokens[inside])
+        vol_coords = [py[inside], px[inside]]
+        vol_coords.insert(axis, np.full(int(inside.sum()), index))
+        coords.append(np.stack(vol_coords, 1))
+    return np.concatenate(feats), np.concatenate(coords)
 
 
 def fit_cluster_models(sample: EmbeddingSample, ks: list[int], seed: int = 0,
