@@ -50,7 +50,8 @@ def test_config_keys_prints_defaults(capsys):
     assert "model.pos_embed_weight = 0.08" in out and "train.steps = " in out
 
 
-@pytest.mark.parametrize("verb", [["info"], ["pretrain"], ["demo"], ["data", "synth-em"], ["config-keys"]])
+@pytest.mark.parametrize("verb", [["info"], ["pretrain"], ["demo"], ["data", "synth-em"], ["config-keys"],
+                                  ["segment"], ["cluster"], ["embed"], ["evaluate", "segmentation"], ["finetune"]])
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*verb, "--help"])
@@ -73,3 +74,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / "demo" / "data" / "image.tif").is_file()
     again = run_demo(tmp_path / "demo", steps=20)  # second run resumes: nothing left to do, same checkpoint
     assert again["checkpoint"].stat().st_mtime == outputs["checkpoint"].stat().st_mtime
+
+
+def test_cli_finetune_segmenter_runs(tmp_path):
+    run = tmp_path / "ft"
+    rc = main(["finetune", "segmenter_tiny", "model.img_size=20", "model.embed_dim=16", "model.depth=1",
+               "model.decoder_embed_dim=16", "model.decoder_depth=1", "data.synthetic_shape=[12,40,40]",
+               "train.steps=2", "train.batch_size=4", "train.figure_every=2", "train.device=cpu",
+               "--run-dir", str(run)])
+    assert rc == 0
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert list((run / "figures").glob("segmentation_step*.png"))

@@ -68,10 +68,15 @@ def test_paper_preset_has_the_papers_numbers():
 
 
 def test_every_preset_loads():
+    from micromae.train.seg_finetune import SegFinetuneConfig, load_seg_finetune_config
+
     presets = list_presets()
-    assert {"maester_betaseg", "maester_tiny"} <= set(presets)
+    assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg"} <= set(presets)
     for name in presets:
-        assert isinstance(load_config(resolve_config(name)), PretrainConfig)
+        if name.startswith("maester"):
+            assert isinstance(load_config(resolve_config(name)), PretrainConfig)
+        else:
+            assert isinstance(load_seg_finetune_config(resolve_config(name)), SegFinetuneConfig)
 
 
 def test_config_keys_are_dotted_and_complete():

@@ -83,6 +83,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from micromae.train.seg_finetune import load_seg_finetune_config, run_seg_finetune
+
+    cfg = load_seg_finetune_config(resolve_config(args.config), args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    result = run_seg_finetune(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+    print(f"fine-tuning stopped at step {result.step} (loss {result.last_loss:.4f}); "
+          f"checkpoint: {result.checkpoint}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from micromae.demo import run_demo
 
@@ -213,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N optimiser steps in this invocation (for job time limits; resume later)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="train a supervised model (Segmenter / ViT decoder baselines)",
+                       description="Train a supervised segmentation baseline on (partial) labels from a YAML "
+                                   "config or preset (segmenter_tiny, vitdec_tiny, segmenter_betaseg, "
+                                   "vitdec_betaseg), with key=value overrides, e.g. `micromae finetune "
+                                   "segmenter_tiny init=runs/demo/pretrain/checkpoints/last.pt`.")
+    p.add_argument("config", help="YAML config file or preset name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", metavar="auto|CKPT", help="continue a run (auto: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N optimiser steps in this invocation")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the main job on embedded synthetic data, in a few CPU minutes",
                        description="Generate a synthetic EM-like volume, pre-train the tiny MAESTER model on "

@@ -33,8 +33,12 @@ class TrainingDiverged(RuntimeError):
 class Objective:
     """What the engine trains. Subclasses implement :meth:`loss`; the rest has sensible defaults.
 
-    ``self.model`` is the module whose parameters are optimised and checkpointed.
+    ``self.model`` is the module whose parameters are optimised and checkpointed; ``name`` labels the progress
+    bar and ``figure_name`` the PNGs in ``RUN_DIR/figures/``.
     """
+
+    name = "train"
+    figure_name = "figure"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -145,7 +149,7 @@ def train(
         }, keep=cfg.keep_checkpoints)
 
     stream: Iterator[tuple[int, Any]] = iter(open_stream(step * cfg.accum_steps))
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not info.is_main,
+    bar = tqdm(total=cfg.steps, initial=step, desc=objective.name, unit="step", disable=not info.is_main,
                dynamic_ncols=True)
     model.train()
     t_last, crops = time.perf_counter(), 0
@@ -188,7 +192,7 @@ def train(
                 t_last, crops = now, 0
             if info.is_main and cfg.figure_every > 0 and (step % cfg.figure_every == 0 or step == cfg.steps):
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    objective.save_figure(batch, run_dir / "figures" / f"reconstruction_step{step:07d}.png")
+                    objective.save_figure(batch, run_dir / "figures" / f"{objective.figure_name}_step{step:07d}.png")
             if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or step == end:
                 last_ckpt = checkpoint() or last_ckpt
     finally:

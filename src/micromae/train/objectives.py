@@ -18,6 +18,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 class MAEObjective(Objective):
     """Masked-autoencoder reconstruction (MAESTER): MSE on the masked patches of a random mask."""
 
+    name = "pretrain"
+    figure_name = "reconstruction"
+
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = module(batch)
         mask = out.mask
