@@ -2,7 +2,8 @@
 
 1. write a synthetic EM-like volume with exact labels to ``OUT/data/``;
 2. pre-train the tiny MAESTER model on it (``OUT/pretrain/``: config, log, checkpoints, figures);
-3. draw the loss curve.
+3. segment it without labels: exact pixel embeddings + k-means (``OUT/segmentation.zarr``), with a k sweep;
+4. evaluate against the known classes inside the cell mask (``OUT/report/``: metrics.json, report.md, PNGs).
 Re-running continues where the last run stopped (``--resume auto``) instead of starting again.
 """
 
@@ -15,8 +16,10 @@ from micromae.config import PretrainConfig, load_config
 from micromae.train.log import read_log, say
 
 
-def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny") -> dict[str, Path]:
-    """Run the demo into ``out``; returns the paths of what it wrote."""
+def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", k: int = 6,
+             sweep: tuple[int, ...] = (4, 5, 7, 8), samples: int = 20_000, segment: bool = True,
+             overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """Run the demo into ``out``; returns the paths of what it wrote. ``overrides``: config key=value pairs."""
     from micromae.cli import resolve_config
     from micromae.data.synthetic_em import make_em_volume, write_em_volume
     from micromae.evaluate.figures import plot_loss_curves
@@ -24,17 +27,17 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny") 
 
     t0 = time.time()
     out = Path(out)
-    cfg: PretrainConfig = load_config(resolve_config(preset), PretrainConfig)
+    cfg: PretrainConfig = load_config(resolve_config(preset), PretrainConfig, list(overrides))
     data_dir = out / "data"
     image = data_dir / "image.tif"
     if not image.is_file():
         say(f"writing a synthetic EM-like volume {tuple(cfg.data.synthetic_shape)} to {data_dir}")
         vol = make_em_volume(shape=tuple(cfg.data.synthetic_shape), seed=cfg.data.synthetic_seed)
         write_em_volume(data_dir, vol)
-    overrides = ["data.source=files", f"data.paths=[{image}]", "data.axes=ZYX"]
+    file_overrides = [*overrides, "data.source=files", f"data.paths=[{image}]", "data.axes=ZYX"]
     if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    cfg = load_config(resolve_config(preset), PretrainConfig, overrides)
+        file_overrides.append(f"train.steps={steps}")
+    cfg = load_config(resolve_config(preset), PretrainConfig, file_overrides)
     run_dir = out / "pretrain"
     result = run_pretrain(cfg, run_dir, resume="auto")
     curve = plot_loss_curves(read_log(run_dir), run_dir / "figures" / "loss.png")
@@ -43,7 +46,26 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny") 
                "loss_curve": curve}
     if figures:
         outputs["reconstruction"] = figures[-1]
+    if segment:
+        outputs.update(_segment_and_evaluate(out, outputs["checkpoint"], data_dir, k, sweep, samples))
     say(f"demo finished in {time.time() - t0:.0f} s: {result.step} steps, final loss {result.last_loss:.4f}")
     for name, path in outputs.items():
         say(f"  {name:<15} {path}")
     return outputs
+
+
+def _segment_and_evaluate(out: Path, checkpoint: Path, data_dir: Path, k: int, sweep: tuple[int, ...],
+                          samples: int) -> dict[str, Path]:
+    from micromae.evaluate.segmentation import run_evaluate_segmentation
+    from micromae.segment.pipeline import run_segment
+
+    seg = out / "segmentation.zarr"
+    if not seg.exists():
+        run_segment(checkpoint, data_dir / "image.tif", seg, k=k, sweep=sweep, n_samples=samples,
+                    mask_path=data_dir / "cell_mask.tif")
+    report = run_evaluate_segmentation(seg, data_dir / "labels.tif", out / "report", mask=data_dir / "cell_mask.tif",
+                                       image=data_dir / "image.tif")
+    scores = report["result"]["hungarian"]["scores"]["per_class"]
+    say("Dice per class (Hungarian mapping, inside the cells): " +
+        ", ".join(f"{name} {v['dice']:.2f}" for name, v in scores.items() if v["dice"] is not None))
+    return {"segmentation": seg, "report": report["report"], "metrics": report["metrics"]}
