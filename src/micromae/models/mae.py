@@ -18,7 +18,7 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 
 from micromae.errors import input_error
-from micromae.models.masking import gather_tokens, num_kept, random_masking, restore_from_ids_keep
+from micromae.models.masking import gather_tokens, num_kept, random_masking, restore_from_ids_keep, unpatchify
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
 from micromae.models.vit import ViTEncoder, check_positive, init_mae_weights
 
@@ -106,13 +106,7 @@ class MaskedAutoencoder(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, L, p*p*C)`` -> ``(N, C, H, W)``; the inverse of :meth:`patchify`."""
-        p, (gh, gw), c = self.patch_size, self.encoder.grid_size, self.in_chans
-        if x.dim() != 3 or x.shape[1:] != (gh * gw, p * p * c):
-            raise input_error("patches", f"shape (N, {gh * gw}, {p * p * c})", str(tuple(x.shape)),
-                              "Pass the output of patchify or forward_decoder")
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, self.patch_size, self.encoder.grid_size, self.in_chans)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

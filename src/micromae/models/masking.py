@@ -100,3 +100,18 @@ def restore_from_ids_keep(ids_keep: torch.Tensor, num_patches: int, dtype: torch
     ids_removed = torch.argsort(mask, dim=1, stable=True)[:, keep:]  # kept (0) sort first, removed after
     ids_shuffle = torch.cat([ids_keep, ids_removed], dim=1)
     return mask, torch.argsort(ids_shuffle, dim=1)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int,
+               what: str = "patches") -> torch.Tensor:
+    """``(N, L, p*p*C)`` per-patch values (ordered row, col, channel) -> ``(N, C, gh*p, gw*p)`` images.
+
+    Shared by the MAE decoder output and the ViT-decoder segmentation head (C = classes there).
+    """
+    p, (gh, gw), c = patch_size, grid_size, channels
+    if x.dim() != 3 or x.shape[1:] != (gh * gw, p * p * c):
+        raise input_error(what, f"shape (N, {gh * gw}, {p * p * c})", str(tuple(x.shape)),
+                          "Pass per-patch values of this model's grid and patch size")
+    x = x.reshape(x.shape[0], gh, gw, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, gh * p, gw * p)

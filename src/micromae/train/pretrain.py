@@ -45,6 +45,16 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def start_run(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from (see :func:`resolve_resume`); refuses to start afresh over a finished or
+    interrupted run, so nothing is overwritten by accident."""
+    resume_path = resolve_resume(run_dir, resume)
+    if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
+        raise input_error(f"run directory '{run_dir}'", "a new or empty run directory",
+                          "a run with checkpoints", "Pass --resume auto to continue it, or another --run-dir")
+    return resume_path
+
+
 def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = None,
                  stop_after: int | None = None) -> TrainResult:
     """Pre-train a masked autoencoder; writes config.yaml, log.jsonl, tb/, checkpoints/, figures/ in run_dir."""
@@ -54,10 +64,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = 
                           "Set model.in_chans=1")
     info, device = init_distributed(cfg.train.device)
     try:
-        resume_path = resolve_resume(run_dir, resume)
-        if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
-            raise input_error(f"run directory '{run_dir}'", "a new or empty run directory",
-                              "a run with checkpoints", "Pass --resume auto to continue it, or another --run-dir")
+        resume_path = start_run(run_dir, resume)
         torch.manual_seed(cfg.train.seed + info.rank)
         sampler = build_sampler(cfg, rank=info.rank)
         model = build_model(cfg)

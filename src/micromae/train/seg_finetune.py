@@ -35,7 +35,7 @@ from micromae.train.checkpoint import load_checkpoint
 from micromae.train.distributed import cleanup_distributed, init_distributed
 from micromae.train.engine import Objective, TrainResult, train
 from micromae.train.log import say
-from micromae.train.pretrain import resolve_resume
+from micromae.train.pretrain import start_run
 
 ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
                   "qkv_bias", "pos_embed_weight", "drop_path_rate")
@@ -332,10 +332,7 @@ def run_seg_finetune(cfg: SegFinetuneConfig, run_dir: str | Path, resume: str | 
     run_dir = Path(run_dir)
     info, device = init_distributed(cfg.train.device)
     try:
-        resume_path = resolve_resume(run_dir, resume)
-        if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
-            raise input_error(f"run directory '{run_dir}'", "a new or empty run directory",
-                              "a run with checkpoints", "Pass --resume auto to continue it, or another --run-dir")
+        resume_path = start_run(run_dir, resume)
         torch.manual_seed(cfg.train.seed + info.rank)
         sampler = build_label_sampler(cfg, rank=info.rank)
         model = build_seg_model(cfg)

@@ -22,6 +22,7 @@ from torch import nn
 
 from micromae.errors import input_error
 from micromae.models.heads.segmenter import check_head_args, check_tokens
+from micromae.models.masking import unpatchify
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
 from micromae.models.vit import init_mae_weights
 
@@ -67,13 +68,7 @@ class ViTDecoderHead(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, L, p*p*n_cls)`` -> ``(N, n_cls, gh*p, gw*p)`` (see the module docstring for the order)."""
-        p, (gh, gw), c = self.patch_size, self.grid_size, self.num_classes
-        if x.dim() != 3 or x.shape[1:] != (gh * gw, p * p * c):
-            raise input_error("per-patch logits", f"shape (N, {gh * gw}, {p * p * c})", str(tuple(x.shape)),
-                              "Pass the output of forward_patches")
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, self.patch_size, self.grid_size, self.num_classes, what="per-patch logits")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, L, D)`` patch tokens -> ``(N, n_cls, gh*p, gw*p)`` logits."""
