@@ -8,6 +8,7 @@ import tifffile
 
 from micromae.data.betaseg import (
     BETASEG_SPLIT,
+    ORGANELLES,
     list_betaseg_cells,
     load_betaseg_cell,
     write_betaseg_cell,
@@ -26,7 +27,7 @@ def vol():
 def _assert_same_cell(cell, vol):
     np.testing.assert_array_equal(cell.image, vol.image)
     np.testing.assert_array_equal(cell.cell_mask, vol.cell_mask)
-    assert cell.class_names == ("outside", "cytoplasm") + ORGANELLES_WRITTEN
+    assert cell.class_names == ("outside", "cytoplasm") + ORGANELLES  # fixed, whatever masks exist
     assert cell.labels.dtype == np.uint8
     for organelle in ORGANELLES_WRITTEN:
         np.testing.assert_array_equal(cell.labels == cell.class_names.index(organelle),
@@ -64,8 +65,9 @@ def test_masks_0_1_tiff_extension_and_missing_masks(tmp_path, vol):
     tifffile.imwrite(tmp_path / "c_membrane_full_mask.tif", vol.cell_mask.astype(np.uint8))  # 0/1
     tifffile.imwrite(tmp_path / "c_nucleus_mask.tif", nucleus.astype(np.uint8))
     cell = load_betaseg_cell(tmp_path, "c")
-    assert cell.class_names == ("outside", "cytoplasm", "nucleus")
-    np.testing.assert_array_equal(cell.labels == 2, nucleus)
+    assert cell.class_names == ("outside", "cytoplasm") + ORGANELLES  # same indices as a fully masked cell
+    np.testing.assert_array_equal(cell.labels == cell.class_names.index("nucleus"), nucleus)
+    assert set(np.unique(cell.labels)) == {0, 1, cell.class_names.index("nucleus")}
     np.testing.assert_array_equal(cell.labels == 1, vol.cell_mask & ~nucleus)
 
 
@@ -83,7 +85,7 @@ def test_overlapping_masks_follow_the_priority_order(tmp_path):
     write_betaseg_cell(tmp_path, "c", image, {"nucleus": nucleus, "granules": granules, "mitochondria": mito,
                                               "microtubules": microtubules}, np.ones(shape, bool))
     cell = load_betaseg_cell(tmp_path, "c")
-    assert cell.class_names == ("outside", "cytoplasm", "nucleus", "mitochondria", "granules", "microtubules")
+    assert cell.class_names == ("outside", "cytoplasm") + ORGANELLES
     idx = {name: i for i, name in enumerate(cell.class_names)}
     assert np.all(cell.labels[:, 6:8, :4] == idx["granules"])  # granules over nucleus
     assert np.all(cell.labels[:, :6, 4] == idx["mitochondria"])  # mitochondria over nucleus

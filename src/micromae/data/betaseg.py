@@ -12,7 +12,9 @@ Both a flat folder (``root/<cell>_source.tif``) and one sub-folder per cell
 (any value > 0 is foreground), and any mask may be missing.
 
 Semantic labels are built as: 0 "outside" (not in the cell mask), 1 "cytoplasm" (in the cell mask), then
-one class per organelle mask present, in the order of ``ORGANELLES``. Where masks overlap, the later mask
+one class per organelle of ``ORGANELLES``, always at the same index whether or not the cell has that mask
+(so the same label means the same class in every cell; a missing mask is a class with no voxels, which the
+evaluation leaves out). Unannotated organelle voxels inside the cell count as cytoplasm, as in betaSeg. Where masks overlap, the later mask
 in ``PAINT_ORDER`` wins: nucleus < golgi < mitochondria < granules < centrioles < microtubules, i.e.
 small or thin structures are drawn over the larger ones that contain or border them. Organelle voxels
 keep their class even outside the cell mask. A missing ``membrane_full_mask`` makes the whole volume the
@@ -67,7 +69,7 @@ class BetaSegCell:
         image: (Z, Y, X) FIB-SEM volume as stored (uint8 in betaSeg).
         labels: (Z, Y, X) uint8 semantic labels indexing ``class_names``.
         cell_mask: (Z, Y, X) bool, the ``membrane_full_mask``.
-        class_names: ("outside", "cytoplasm", <organelles whose masks exist>...).
+        class_names: ("outside", "cytoplasm", *ORGANELLES), the same for every cell.
     """
 
     name: str
@@ -149,12 +151,12 @@ def load_betaseg_cell(root: str | Path, cell: str) -> BetaSegCell:
         warnings.warn(f"betaSeg cell '{cell}' has no {CELL_MASK_SUFFIX} file: treating the whole volume as cell",
                       stacklevel=2)
         cell_mask = np.ones(image.shape, dtype=bool)
-    found = [o for o in ORGANELLES if _find_tiff(source.parent, cell + MASK_SUFFIXES[o])]
-    class_names = ["outside", "cytoplasm"] + found
+    class_names = ["outside", "cytoplasm", *ORGANELLES]
     labels = cell_mask.astype(np.uint8)
     for organelle in PAINT_ORDER:  # one mask in memory at a time: real cells are large
-        if organelle in class_names:
-            labels[read_mask(MASK_SUFFIXES[organelle])] = class_names.index(organelle)
+        mask = read_mask(MASK_SUFFIXES[organelle])
+        if mask is not None:
+            labels[mask] = class_names.index(organelle)
     return BetaSegCell(name=cell, image=image, labels=labels, cell_mask=cell_mask, class_names=tuple(class_names))
 
 
