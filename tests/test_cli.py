@@ -89,3 +89,14 @@ def test_cli_finetune_segmenter_runs(tmp_path):
     assert rc == 0
     assert (run / "checkpoints" / "last.pt").is_file()
     assert list((run / "figures").glob("segmentation_step*.png"))
+
+
+def test_betaseg_labels_feed_the_evaluation(tmp_path):
+    bs, out = tmp_path / "bs", tmp_path / "labels"
+    assert main(["data", "synth-em", "--out", str(bs), "--shape", "8", "40", "40", "--betaseg-layout"]) == 0
+    assert main(["data", "betaseg-labels", "--root", str(bs), "--cell", "synthetic_c1", "--out", str(out)]) == 0
+    labels = tifffile.imread(out / "labels.tif")
+    names = json.loads((out / "classes.json").read_text())["class_names"]
+    ref = make_em_volume(shape=(8, 40, 40), seed=0)
+    assert np.array_equal(labels == names.index("nucleus"), ref.labels == 3)
+    assert np.array_equal(tifffile.imread(out / "cell_mask.tif") > 0, ref.cell_mask)

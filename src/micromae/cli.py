@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -68,6 +69,19 @@ def cmd_synth_em(args: argparse.Namespace) -> int:
     vol = make_em_volume(shape=tuple(args.shape), seed=args.seed)
     out = write_em_volume(args.out, vol, betaseg_layout=args.betaseg_layout)
     print(f"wrote synthetic EM volume {tuple(args.shape)} (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_betaseg_labels(args: argparse.Namespace) -> int:
+    from micromae.data.betaseg import load_betaseg_cell
+    from micromae.io import write_files_atomically
+
+    cell = load_betaseg_cell(args.root, args.cell)
+    written = write_files_atomically(
+        args.out, {"labels.tif": cell.labels, "cell_mask.tif": cell.cell_mask.astype("uint8")},
+        texts={"classes.json": json.dumps({"class_names": list(cell.class_names)}, indent=2)},
+        compress=("labels.tif", "cell_mask.tif"))
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
     return 0
 
 
@@ -208,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--betaseg-layout", action="store_true",
                    help="write the betaSeg file layout (<cell>_source.tif + per-class masks) instead")
     q.set_defaults(func=cmd_synth_em)
+    q = data_sub.add_parser("betaseg-labels", help="turn a betaSeg cell's masks into one label volume",
+                            description="Combine the per-class masks of a betaSeg cell into labels.tif (0 outside, "
+                                        "1 cytoplasm, then the organelles), cell_mask.tif and classes.json, ready "
+                                        "for micromae evaluate segmentation.")
+    q.add_argument("--root", required=True, help="betaSeg folder (flat, or one sub-folder per cell)")
+    q.add_argument("--cell", required=True, help="cell name, e.g. high_c4")
+    q.add_argument("--out", required=True, help="output folder")
+    q.set_defaults(func=cmd_betaseg_labels)
 
     p = sub.add_parser("pretrain", help="pre-train a masked autoencoder",
                        description="Pre-train a masked autoencoder from a YAML config (a path or a preset "
