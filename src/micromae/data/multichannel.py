@@ -1,0 +1,384 @@
+"""Folders of multi-channel images for DAMA: reading, scaling to [0, 1], DAMA's augmentation, a seeded loader.
+
+:class:`MultiChannelImageFolder` reads ``root/*.tif`` (unlabelled, label -1) or ``root/<class>/**/*.tif``
+(labels = class index) as float32 ``(C, H, W)`` tensors. Integer images are divided by their dtype's
+maximum (uint8 by 255, uint16 by 65535); float images by their own maximum over all channels and pixels
+(so the brightest pixel is 1; an image with no positive value is left as is). There is no mean/std
+normalisation, as in DAMA.
+
+:class:`DamaAugment` is DAMA's pre-training augmentation (DAMA.md §1, the public code's pipeline for
+7-channel data): a square crop of side ``round(scale * size)`` ("half size" = half the *output* side, as
+``RandomResizedCrop(img_size // 2, img_size)`` there) at a uniformly random position, resized to
+``size × size``; a rotation by a free angle drawn uniformly in [-90°, 90°] (the public code's
+``RandomRotation(90)``, about the centre, bilinear, ``fill`` outside; ``rotation="right_angles"`` draws
+from {-90°, 0°, 90°} instead, without resampling); an integer shift of up to ``int(shift * size)`` pixels
+along each axis (``RandomShift(0.3)``, ``fill`` outside), done in the same resampling as the rotation;
+horizontal and vertical flips with probability 0.5 each. No intensity transform.
+
+:func:`make_mif_loader` makes the randomness reproducible and fresh: the order of an epoch is a
+permutation drawn from ``np.random.default_rng([seed, epoch])`` (the same on every rank, which then takes
+every ``world_size``-th item, as ``DistributedSampler``), and item ``index`` is augmented with
+``np.random.default_rng([seed, rank, epoch, index])``. Batches therefore do not depend on the number of
+workers, differ between epochs and ranks, and replay exactly from the seed (call
+``loader.sampler.set_epoch(epoch)`` before each epoch, as for ``DistributedSampler``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from micromae.errors import input_error
+from micromae.io import open_volume
+
+IMAGE_SUFFIXES = (".tif", ".tiff")  # also matches .ome.tif / .ome.tiff
+ROTATIONS = ("free", "right_angles")
+_INTERPOLATION = {"bilinear": TF.InterpolationMode.BILINEAR, "nearest": TF.InterpolationMode.NEAREST,
+                  "bicubic": TF.InterpolationMode.BICUBIC}
+
+
+def scale_to_unit(array: np.ndarray) -> np.ndarray:
+    """(C, H, W) array -> float32: integers divided by the dtype maximum, floats by the array's maximum."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype.kind in "iu":
+        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    out = array.astype(np.float32)
+    peak = float(out.max()) if out.size else 0.0
+    return out / np.float32(peak) if peak > 0 else out
+
+
+def read_channel_names(path: str | Path, count: int) -> list[str] | None:
+    """Channel names from a TIFF's OME-XML (``Channel/@Name``) or ImageJ ``Labels``; None if absent."""
+    names: list = []
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
+            image = image[0] if isinstance(image, list) else image
+            channels = image.get("Pixels", {}).get("Channel", [])
+            channels = channels if isinstance(channels, list) else [channels]
+            names = [c.get("Name") for c in channels if isinstance(c, dict)]
+        elif tif.is_imagej:
+            names = list((tif.imagej_metadata or {}).get("Labels") or [])
+    ok = len(names) == count and all(isinstance(n, str) and n for n in names)
+    return [str(n) for n in names] if ok else None
+
+
+def _channels_json(root: Path, count: int) -> list[str] | None:
+    """Names from ``channels.json`` in ``root`` or its parent: a list, or a dict with a ``channels`` list."""
+    for folder in (root, root.parent):
+        file = folder / "channels.json"
+        if file.is_file():
+            data = json.loads(file.read_text())
+            names = data.get("channels") if isinstance(data, dict) else data
+            if isinstance(names, list) and len(names) == count:
+                return [str(n) for n in names]
+    return None
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The random draws of one :class:`DamaAugment` call (pixels and degrees)."""
+
+    top: int
+    left: int
+    angle: float
+    shift_y: int
+    shift_x: int
+    hflip: bool
+    vflip: bool
+
+
+class DamaAugment:
+    """DAMA's geometric augmentation of a ``(C, H, W)`` float tensor to ``(C, size, size)`` (module docstring).
+
+    ``scale``: crop side over output side (0.5 = DAMA). ``degrees``: the largest rotation; ``rotation``:
+    ``"free"`` (uniform angle) or ``"right_angles"`` (-degrees, 0 or +degrees, exact for 90). ``shift``:
+    largest shift as a fraction of ``size``. ``interpolation``: ``"bilinear"`` (default), ``"bicubic"`` or
+    ``"nearest"``, used by the resize and the rotation (bicubic can overshoot [0, 1] slightly). ``fill``: the value given to pixels rotated or
+    shifted in from outside (0 = DAMA).
+    """
+
+    accepts_rng = True
+
+    def __init__(self, size: int, scale: float = 0.5, degrees: float = 90.0, rotation: str = "free",
+                 shift: float = 0.3, hflip_p: float = 0.5, vflip_p: float = 0.5, interpolation: str = "bilinear",
+                 fill: float = 0.0) -> None:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise input_error("DamaAugment size", "an integer >= 1", repr(size), "Pass the model input side, e.g. 128")
+        if not (isinstance(scale, (int, float)) and 0 < scale <= 4):
+            raise input_error("DamaAugment scale", "a crop/output side ratio in (0, 4]", repr(scale), "DAMA uses 0.5")
+        if rotation not in ROTATIONS or interpolation not in _INTERPOLATION:
+            raise input_error("DamaAugment rotation/interpolation", f"one of {ROTATIONS} / {tuple(_INTERPOLATION)}",
+                              f"{rotation!r} / {interpolation!r}", "DAMA uses 'free' and 'bilinear'")
+        if not 0.0 <= degrees <= 180.0:
+            raise input_error("DamaAugment degrees", "an angle in [0, 180]", repr(degrees), "DAMA uses 90")
+        for name, value in (("shift", shift), ("hflip_p", hflip_p), ("vflip_p", vflip_p)):
+            if not 0.0 <= value <= 1.0:
+                raise input_error(f"DamaAugment {name}", "a number in [0, 1]", repr(value), "DAMA uses 0.3 and 0.5")
+        self.size, self.scale, self.degrees, self.rotation = int(size), float(scale), float(degrees), rotation
+        self.crop = max(1, round(self.scale * self.size))
+        self.shift, self.hflip_p, self.vflip_p, self.fill = float(shift), float(hflip_p), float(vflip_p), float(fill)
+        self.interpolation = interpolation
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest image side this augmentation can crop from."""
+        return self.crop
+
+    def __repr__(self) -> str:
+        return (f"DamaAugment(size={self.size}, crop={self.crop}, degrees={self.degrees}, rotation={self.rotation!r}, "
+                f"shift={self.shift}, hflip_p={self.hflip_p}, vflip_p={self.vflip_p}, fill={self.fill})")
+
+    def draw_params(self, height: int, width: int, rng: np.random.Generator) -> AugmentParams:
+        """All random draws for an image of ``height × width``, from ``rng`` only."""
+        if min(height, width) < self.crop:
+            raise input_error("image for DamaAugment", f"at least {self.crop}×{self.crop} pixels (the crop side, "
+                              f"{self.scale} × size {self.size})", f"{height}×{width}",
+                              "Use larger images, a smaller size, or a smaller scale")
+        top, left = int(rng.integers(0, height - self.crop + 1)), int(rng.integers(0, width - self.crop + 1))
+        if self.rotation == "free":
+            angle = float(rng.uniform(-self.degrees, self.degrees))
+        else:
+            angle = float(rng.choice([-self.degrees, 0.0, self.degrees]))
+        reach = int(self.shift * self.size)
+        shift_y, shift_x = (int(v) for v in rng.integers(-reach, reach + 1, 2))
+        return AugmentParams(top, left, angle, shift_y, shift_x, bool(rng.random() < self.hflip_p),
+                             bool(rng.random() < self.vflip_p))
+
+    def apply(self, img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """Crop, resize, rotate + shift (one resampling), flip: ``(C, H, W)`` -> ``(C, size, size)``."""
+        mode = _INTERPOLATION[self.interpolation]
+        out = img[..., p.top:p.top + self.crop, p.left:p.left + self.crop]
+        if self.crop != self.size:
+            out = TF.resize(out, [self.size, self.size], interpolation=mode, antialias=self.crop > self.size)
+        angle = p.angle
+        if self.rotation == "right_angles" and angle % 90 == 0:
+            out, angle = torch.rot90(out, k=-int(angle // 90), dims=(-2, -1)), 0.0  # as TF.affine's sense
+        if angle or p.shift_x or p.shift_y:  # torchvision's fill= weights edge pixels twice: offset instead
+            out = TF.affine(out - self.fill if self.fill else out, angle=angle, translate=[p.shift_x, p.shift_y],
+                            scale=1.0, shear=[0.0, 0.0], interpolation=mode, fill=None)
+            out = out + self.fill if self.fill else out
+        if p.hflip:
+            out = TF.horizontal_flip(out)
+        if p.vflip:
+            out = TF.vertical_flip(out)
+        return out.contiguous()
+
+    def __call__(self, img: torch.Tensor, rng: np.random.Generator | int | None = None) -> torch.Tensor:
+        """Augment ``img`` (C, H, W). ``rng``: a generator or seed; None draws a seed from torch's global RNG."""
+        if rng is None:
+            rng = int(torch.randint(0, 2**62, (1,)).item())
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return self.apply(img, self.draw_params(img.shape[-2], img.shape[-1], rng))
+
+
+def _tiffs(folder: Path, recursive: bool) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                  and not p.name.startswith("."))
+
+
+def _find_files(root: Path, classes: Sequence[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names): ``root/*.tif`` unlabelled (-1), or ``root/<class>/**/*.tif``."""
+    if not root.is_dir():
+        raise input_error(f"image folder '{root}'", "an existing folder of TIFF images",
+                          "a file" if root.exists() else "nothing at that path", "Check the path")
+    top = _tiffs(root, recursive=False)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is not None:
+        missing = [c for c in classes if not (root / c).is_dir()]
+        if missing:
+            raise input_error(f"image folder '{root}'", f"a sub-folder per class {list(classes)}",
+                              f"no folder for {missing}", "Create them or pass classes=None")
+        folders = [root / c for c in classes]
+    per_class = [_tiffs(f, recursive=True) for f in folders]
+    if top and any(per_class):
+        raise input_error(f"image folder '{root}'", "either images (unlabelled) or class sub-folders of images",
+                          f"{len(top)} images at the top and images in sub-folders",
+                          "Move the top-level images into a class folder, or point at one level of the tree")
+    if top:
+        return top, [-1] * len(top), []
+    if not any(per_class):
+        raise input_error(f"image folder '{root}'", f"TIFF images ({', '.join(IMAGE_SUFFIXES)}) in it or in "
+                          "class sub-folders", "none", "Point at a folder of .tif files or of class folders")
+    files = [f for group in per_class for f in group]
+    labels = [k for k, group in enumerate(per_class) for _ in group]
+    return files, labels, [f.name for f in folders]
+
+
+def _file_axes(path: Path, axes: str | None) -> tuple[str | None, tuple[int, ...], np.dtype]:
+    """Axes to open ``path`` with, and its (C, H, W) shape and dtype (the header only is read).
+
+    A 3-D file whose metadata names no channel axis (tifffile's plain stacks read as ZYX) takes the smaller
+    of its first and last dimensions as channels.
+    """
+    with open_volume(path, axes=axes, check=False) as volume:
+        canon, shape, file_axes = volume.axes, volume.shape, volume.file_axes
+        dtype = volume.dtype
+    if axes is None and canon == "ZYX":
+        sizes = [dict(zip(canon, shape))[a] for a in file_axes if a != "."]
+        axes = "CYX" if sizes[0] <= sizes[-1] else "YXC"
+        by_axis = dict(zip(axes, sizes))
+        return axes, (by_axis["C"], by_axis["Y"], by_axis["X"]), dtype
+    if canon == "YX":
+        return axes, (1,) + tuple(shape), dtype
+    if canon != "CYX":
+        raise input_error(f"image '{path}'", "a 2-D multi-channel image (axes CYX or YXC, or a single-channel YX)",
+                          f"axes '{canon}' with shape {tuple(shape)}",
+                          "Pass axes= naming the file's dimensions, e.g. axes='YXC', or convert the file")
+    return axes, tuple(shape), dtype
+
+
+class MultiChannelImageFolder(Dataset):
+    """Multi-channel TIFFs of a folder as ``(image (C, H, W) float32 in [0, 1], label)`` (module docstring).
+
+    ``axes``: the files' dimensions in file order (``"CYX"``, ``"YXC"``); None reads them from the
+    metadata. ``size``: with no ``transform``, images are resized (bilinear) to ``size × size``.
+    ``transform``: applied to the scaled tensor; one with ``accepts_rng`` (e.g. :class:`DamaAugment`)
+    gets the item's generator from :meth:`get`, and its ``min_input_size`` is checked for every file here.
+    ``channels``: names or indices of the channels to keep (None: all). ``classes``: class folder names in
+    label order (None: sorted sub-folders; empty ones count). Channel names come from the first file's
+    OME / ImageJ metadata, else ``channels.json`` in ``root`` or its parent, else ``channel_<i>``.
+    """
+
+    def __init__(self, root: str | Path, axes: str | None = None, size: int | None = None,
+                 transform: Callable | None = None, channels: Sequence[str | int] | None = None,
+                 classes: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        self.files, self.labels, self.classes = _find_files(self.root, classes)
+        info = [_file_axes(f, axes) for f in self.files]
+        self._axes = [a for a, _, _ in info]
+        self.shapes = [s for _, s, _ in info]
+        counts = [s[0] for s in self.shapes]
+        if len(set(counts)) > 1:
+            other = next(i for i, c in enumerate(counts) if c != counts[0])
+            raise input_error(f"image folder '{self.root}'", "the same number of channels in every image",
+                              f"{counts[0]} channels in '{self.files[0]}' but {counts[other]} in '{self.files[other]}'",
+                              "Keep images of one panel per folder (or check the axes= of the files)")
+        names = read_channel_names(self.files[0], counts[0]) or _channels_json(self.root, counts[0])
+        self.all_channel_names = names or [f"channel_{i}" for i in range(counts[0])]
+        self.channel_index = self._select(channels)
+        self.size, self.transform = size, transform
+        need = getattr(transform, "min_input_size", None) if transform is not None else None
+        if need is not None:
+            small = [(f, s) for f, s in zip(self.files, self.shapes) if min(s[1:]) < need]
+            if small:
+                raise input_error(f"image '{small[0][0]}'", f"at least {need}×{need} pixels (the crop of {transform})",
+                                  f"{small[0][1][1]}×{small[0][1][2]} ({len(small)} image(s) too small)",
+                                  "Use larger images or a smaller crop (size or scale of the augmentation)")
+
+    def _select(self, channels: Sequence[str | int] | None) -> list[int]:
+        if channels is None:
+            return list(range(len(self.all_channel_names)))
+        index = []
+        for c in channels:
+            if isinstance(c, str) and c in self.all_channel_names:
+                index.append(self.all_channel_names.index(c))
+            elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < len(self.all_channel_names):
+                index.append(int(c))
+            else:
+                raise input_error("channels", f"names in {self.all_channel_names} or indices below "
+                                  f"{len(self.all_channel_names)}", repr(c), "Pick channels the images have")
+        return index
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [self.all_channel_names[i] for i in self.channel_index]
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_index)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> torch.Tensor:
+        """Image ``index`` as float32 ``(C, H, W)`` in [0, 1] (selected channels), before any transform."""
+        path = self.files[index]
+        with open_volume(path, axes=self._axes[index], check=False) as volume:
+            array = volume.read()
+        array = array[None] if array.ndim == 2 else array
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise input_error(f"image '{path}'", "finite pixel values", "NaN or inf", "Replace or drop them")
+        return torch.from_numpy(scale_to_unit(array[self.channel_index]))
+
+    def get(self, index: int, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, int]:
+        """``(image, label)``; ``rng`` drives a transform with ``accepts_rng`` (None: torch's global RNG)."""
+        image = self.read(index)
+        if self.transform is not None:
+            takes_rng = getattr(self.transform, "accepts_rng", False)
+            image = self.transform(image, rng) if takes_rng else self.transform(image)
+        elif self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
+            image = TF.resize(image, [self.size, self.size], antialias=True)
+        return image, self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.get(index)
+
+
+class SeededSampler(Sampler):
+    """Yields keys ``(index, epoch)``: a ``(seed, epoch)`` permutation split over ranks, padded by repeats."""
+
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        for name, value, low in (("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise input_error(name, f"an integer >= {low}", repr(value), f"Set {name} to an integer >= {low}")
+        if rank >= world_size:
+            raise input_error("rank", f"below world_size {world_size}", repr(rank), "Pass the process's global rank")
+        self.length, self.seed, self.rank, self.world_size = int(length), int(seed), int(rank), int(world_size)
+        self.shuffle, self.epoch = shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.world_size)
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.length) if self.shuffle
+                 else np.arange(self.length))
+        order = np.resize(order, len(self) * self.world_size)  # pads by repeating from the start
+        return iter([(int(i), self.epoch) for i in order[self.rank::self.world_size]])
+
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by ``(index, epoch)`` keys; the item's augmentation draws from
+    ``np.random.default_rng([seed, rank, epoch, index])``."""
+
+    def __init__(self, dataset: Any, seed: int, rank: int) -> None:
+        if not callable(getattr(dataset, "get", None)):
+            raise input_error("dataset", "a dataset with get(index, rng) such as MultiChannelImageFolder",
+                              type(dataset).__name__, "Wrap the images in MultiChannelImageFolder")
+        self.dataset, self.seed, self.rank = dataset, int(seed), int(rank)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        return self.dataset.get(index, np.random.default_rng([self.seed, self.rank, epoch, index]))
+
+
+def make_mif_loader(dataset: Any, batch_size: int, seed: int = 0, rank: int = 0, num_workers: int = 0,
+                    world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
+                    pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of ``(images (B, C, H, W), labels (B,))`` with seeded order and augmentation (module docs).
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. ``drop_last`` drops a short last batch.
+    """
+    sampler = SeededSampler(len(dataset), seed, rank, world_size, shuffle)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rank))
+    return DataLoader(SeededItems(dataset, seed, rank), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=num_workers > 0, generator=generator)

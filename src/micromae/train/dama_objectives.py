@@ -1,0 +1,272 @@
+"""Pre-training objectives of the DAMA comparison (paper Table 1 / Table 5) for the one training engine.
+
+- :class:`DAMAObjective`: DAMA and its ablations (configuration, adaptive / random-overlap masking, overlap).
+- :class:`Data2VecObjective`: data2vec-style baseline: an EMA teacher encodes the unmasked image, the student
+  (mask tokens in place of the masked patches) regresses the teacher's averaged top-K block features at the
+  masked positions.
+- MAE: :class:`micromae.train.objectives.MAEObjective` (one branch, random mask).
+
+:func:`build_dama_comparison_objective` switches between them by name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from micromae.errors import input_error  # noqa: E402
+from micromae.evaluate.figures import save_figure  # noqa: E402
+from micromae.models.adaptive_masking import random_ids_keep  # noqa: E402
+from micromae.models.dama import DAMA, ema_momentum, ema_update, feature_loss, regression_target  # noqa: E402
+from micromae.models.mae import MaskedAutoencoder  # noqa: E402
+from micromae.models.masking import mask_from_ids_keep, num_kept  # noqa: E402
+from micromae.models.vit import ViTEncoder, init_mae_weights  # noqa: E402
+from micromae.train.engine import Objective  # noqa: E402
+from micromae.train.objectives import MAEObjective, _unwrap  # noqa: E402
+
+__all__ = ["DAMAObjective", "Data2Vec", "Data2VecObjective", "build_dama_comparison_objective",
+           "channels_to_rgb", "display_scale", "OBJECTIVES"]
+
+OBJECTIVES = ("mae", "dama", "data2vec")
+# display colour of channel i (R, G, B): blue, green, red, yellow, magenta, cyan, orange, then grey
+_PALETTE = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]], np.float32)
+
+
+def _composite(img: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> unclipped ``(H, W, 3)``: each channel times its display colour, summed."""
+    img = np.asarray(img, np.float32)
+    c = img.shape[0]
+    if c == 1:
+        colours = np.ones((1, 3), np.float32)
+    elif c <= 3:
+        colours = np.eye(3, dtype=np.float32)[:c]
+    else:
+        colours = np.concatenate([_PALETTE, np.full((max(0, c - len(_PALETTE)), 3), 0.5, np.float32)])[:c]
+    return np.einsum("chw,ck->hwk", img, colours)
+
+
+def channels_to_rgb(img: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W, 3)`` in [0, 1]: grey for one channel, R, G, B for up to three, else a fixed
+    colour per channel (DAPI blue, then green, red, yellow, magenta, cyan, orange, grey), summed; the composite
+    is divided by ``scale`` and clipped."""
+    return np.clip(_composite(img) / scale, 0, 1)
+
+
+def display_scale(img: np.ndarray) -> float:
+    """``scale`` for :func:`channels_to_rgb` so that a composite of many channels does not saturate: its
+    99.5th percentile; 1 for up to three channels (shown as they are)."""
+    if np.asarray(img).shape[0] <= 3:
+        return 1.0
+    return max(float(np.quantile(_composite(img), 0.995)), 1e-6)
+
+
+def _pixels(model: MaskedAutoencoder, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Predicted patches ``(N, L, p*p*C)`` -> images ``(N, C, H, W)`` in pixel units (undoing norm_pix)."""
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = model.patchify(imgs.float())
+        pred = pred * (target.var(-1, keepdim=True) + 1.0e-6).sqrt() + target.mean(-1, keepdim=True)
+    return model.unpatchify(pred)
+
+
+def _mask_image(model: MaskedAutoencoder, mask: torch.Tensor) -> torch.Tensor:
+    """``(N, L)`` patch mask -> ``(N, 1, H, W)``."""
+    p, (gh, gw) = model.patch_size, model.encoder.grid_size
+    m = mask.float().reshape(-1, 1, gh, gw)
+    return m.repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+
+class DAMAObjective(Objective):
+    """``L = L_p1 + L_p2 + alpha * L_f`` (see :class:`micromae.models.dama.DAMA` for every option).
+
+    Args:
+        model: branch 1 (a :class:`MaskedAutoencoder`), or a built :class:`DAMA` (then the options are its own).
+        total_steps: optimiser steps of the run (the EMA momentum goes from ``ema_momentum`` to 1 over them).
+        ema_momentum: initial EMA momentum of the ``ema`` configuration (0.996).
+        **options: ``DAMA`` keyword arguments (config, branch2, mask_ratio, overlap_ratio, masking, K, beta,
+            alpha, pairing, target_softmax, stop_grad_target, norm_pix_loss, emulate_public_code).
+    Logs ``loss_p1``, ``loss_p2``, ``loss_f`` (the engine adds the total as ``loss``) and ``ema_momentum``.
+    """
+
+    name = "dama"
+    figure_name = "dama_reconstruction"
+
+    def __init__(self, model: MaskedAutoencoder | DAMA, total_steps: int = 1, ema_momentum: float = 0.996,
+                 **options: Any) -> None:
+        if isinstance(model, DAMA):
+            if options:
+                raise input_error("DAMAObjective options", "none with a built DAMA model", str(sorted(options)),
+                                  "Pass the options to DAMA(...) or pass a MaskedAutoencoder")
+            dama = model
+        else:
+            dama = DAMA(model, **options)
+        super().__init__(dama)
+        if not 0.0 <= float(ema_momentum) <= 1.0:
+            raise input_error("ema_momentum", "a number in [0, 1]", repr(ema_momentum), "Use 0.996 (paper)")
+        self.total_steps = max(1, int(total_steps))
+        self.ema_base = float(ema_momentum)
+        self.last_momentum = self.ema_base
+
+    def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        out = module(batch)
+        logs = {"loss_p1": float(out.loss_p1.detach()), "loss_p2": float(out.loss_p2.detach()),
+                "loss_f": float(out.loss_f.detach())}
+        if self.model.config == "ema":
+            logs["ema_momentum"] = self.last_momentum
+        return out.loss, logs
+
+    def after_step(self, step: int) -> None:
+        """EMA update of branch 2 after optimiser step ``step`` (0-based), momentum cosine-scheduled."""
+        if self.model.config == "ema":
+            self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
+            self.model.update_teacher(self.last_momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings (checked on resume); the weights, teacher included, are in the model's state."""
+        return {"objective": "dama", "settings": self.model.settings(), "total_steps": self.total_steps,
+                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume(state, "dama", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        self.last_momentum = float(state.get("last_momentum", self.ema_base))
+
+    @torch.no_grad()
+    def save_figure(self, batch: torch.Tensor, path: Path) -> None:
+        """Rows of: input, branch 1 masked input and reconstruction, branch 2 masked input and reconstruction."""
+        dama: DAMA = _unwrap(self.model)
+        was_training = dama.training
+        dama.eval()
+        imgs = batch[:4].float()
+        out = dama(imgs)
+        panels = [(imgs, None)]
+        for branch, pred, mask in [(dama.branch1, out.pred1, out.mask1), (dama.second, out.pred2, out.mask2)]:
+            m = _mask_image(branch, mask)
+            recon = _pixels(branch, imgs, pred).clamp(0, 1)
+            panels += [(imgs, m), (imgs * (1 - m) + recon * m, None)]
+        titles = ["input", "mask 1 (random)", "reconstruction 1", f"mask 2 ({dama.masking})", "reconstruction 2"]
+        fig, axes = plt.subplots(imgs.shape[0], 5, figsize=(10, 2.1 * imgs.shape[0]), squeeze=False)
+        for i in range(imgs.shape[0]):
+            scale = display_scale(imgs[i].cpu().numpy())
+            for j, (panel, m) in enumerate(panels):
+                rgb = channels_to_rgb(panel[i].cpu().numpy(), scale)
+                if m is not None:  # masked patches in mid-grey
+                    m_i = m[i, 0].cpu().numpy()[..., None]
+                    rgb = rgb * (1 - m_i) + 0.5 * m_i
+                axes[i, j].imshow(rgb, interpolation="nearest")
+                axes[i, j].set_axis_off()
+                if i == 0:
+                    axes[i, j].set_title(titles[j], fontsize=8)
+        fig.suptitle(f"{dama.config}: L_p1 {float(out.loss_p1):.4f}  L_p2 {float(out.loss_p2):.4f}  "
+                     f"L_f {float(out.loss_f):.4f}", fontsize=9)
+        save_figure(fig, path)
+        dama.train(was_training)
+
+
+def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint written with other objective settings."""
+    if not state:
+        return
+    found = {k: state.get(k) for k in ["objective", *expected]}
+    wanted = {"objective": kind, **expected}
+    if found != wanted:
+        raise input_error("checkpoint objective state", repr(wanted), repr(found),
+                          "Resume with the config the run was started with")
+
+
+class Data2Vec(nn.Module):
+    """data2vec-style baseline on the MAE encoder.
+
+    The student encodes all ``L`` tokens with a learned mask embedding in place of the masked patches (position
+    embedding kept); a linear head regresses, at the masked positions, the teacher's target: the per-token
+    layer-normalised FFN outputs of its last ``K`` blocks on the **unmasked** image, averaged. The teacher is
+    an EMA copy of the student (no gradient).
+    """
+
+    def __init__(self, encoder: ViTEncoder, mask_ratio: float = 0.6, K: int = 6, beta: float = 2.0) -> None:
+        super().__init__()
+        self.keep = num_kept(encoder.num_patches, mask_ratio)
+        if not 1 <= K <= encoder.depth or isinstance(K, bool):
+            raise input_error("K", f"an int in 1..depth={encoder.depth}", repr(K), "Average at most depth blocks")
+        self.mask_ratio, self.K, self.beta = float(mask_ratio), int(K), float(beta)
+        self.encoder = encoder
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
+        nn.init.normal_(self.mask_embedding, std=0.02)
+        self.head = nn.Linear(encoder.embed_dim, encoder.embed_dim)
+        init_mae_weights(self.head)
+        self.teacher = copy.deepcopy(encoder).requires_grad_(False)
+
+    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``imgs`` ``(N, C, H, W)`` -> ``loss``, ``pred`` ``(N, L, D)``, ``target`` ``(N, L, D)``, ``mask``
+        ``(N, L)`` (1 = masked, where the loss is taken)."""
+        n, length = imgs.shape[0], self.encoder.num_patches
+        mask = mask_from_ids_keep(random_ids_keep(n, length, self.keep, imgs.device, generator), length)
+        x = self.encoder.embed_patches(imgs)  # (N, L, D), position embedding included
+        masked_token = (self.mask_embedding + self.encoder.pos_embed[:, 1:]).to(x.dtype)
+        x = torch.where(mask.bool().unsqueeze(-1), masked_token, x)
+        pred = self.head(self.encoder.forward_tokens(x)[:, 1:])
+        with torch.no_grad():
+            _, ffn = self.teacher.forward_features(imgs, return_block_ffn=self.K)
+            target = regression_target(ffn)[:, 1:]
+        return feature_loss(pred, target, self.beta, weight=mask), pred, target, mask
+
+    def settings(self) -> dict:
+        return dict(mask_ratio=self.mask_ratio, K=self.K, beta=self.beta)
+
+
+class Data2VecObjective(Objective):
+    """data2vec baseline; the teacher follows the student by EMA (cosine ``ema_momentum`` -> 1)."""
+
+    name = "data2vec"
+    figure_name = "data2vec_mask"
+
+    def __init__(self, model: MaskedAutoencoder | ViTEncoder | Data2Vec, total_steps: int = 1,
+                 ema_momentum: float = 0.996, mask_ratio: float | None = None, K: int = 6,
+                 beta: float = 2.0) -> None:
+        if not isinstance(model, Data2Vec):
+            encoder = model.encoder if isinstance(model, MaskedAutoencoder) else model
+            ratio = mask_ratio if mask_ratio is not None else getattr(model, "mask_ratio", 0.6)
+            model = Data2Vec(encoder, mask_ratio=ratio, K=K, beta=beta)
+        super().__init__(model)
+        self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
+        self.last_momentum = self.ema_base
+
+    def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, _, _, _ = module(batch)
+        return loss, {"loss_f": float(loss.detach()), "ema_momentum": self.last_momentum}
+
+    def after_step(self, step: int) -> None:
+        self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
+        ema_update(self.model.teacher, self.model.encoder, self.last_momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"objective": "data2vec", "settings": self.model.settings(), "total_steps": self.total_steps,
+                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume(state, "data2vec", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        self.last_momentum = float(state.get("last_momentum", self.ema_base))
+
+
+def build_dama_comparison_objective(kind: str, model: MaskedAutoencoder, total_steps: int,
+                                    **options: Any) -> Objective:
+    """``mae`` (MAEObjective), ``dama`` (DAMAObjective, ``options`` as DAMA's plus ``ema_momentum``) or
+    ``data2vec`` (Data2VecObjective: ``mask_ratio``, ``K``, ``beta``, ``ema_momentum``)."""
+    if kind == "mae":
+        if options:
+            raise input_error("MAE objective options", "none", str(sorted(options)), "Set model.* fields instead")
+        return MAEObjective(model)
+    if kind == "dama":
+        return DAMAObjective(model, total_steps=total_steps, **options)
+    if kind == "data2vec":
+        return Data2VecObjective(model, total_steps=total_steps, **options)
+    raise input_error("objective", "one of " + ", ".join(OBJECTIVES), repr(kind), "Pick one of the listed names")
