@@ -71,9 +71,9 @@ def test_every_preset_loads():
     from micromae.train.seg_finetune import SegFinetuneConfig, load_seg_finetune_config
 
     presets = list_presets()
-    assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg"} <= set(presets)
+    assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg", "dama_brain", "dama_tiny"} <= set(presets)
     for name in presets:
-        if name.startswith("maester"):
+        if name.startswith(("maester", "dama")):
             assert isinstance(load_config(resolve_config(name)), PretrainConfig)
         else:
             assert isinstance(load_seg_finetune_config(resolve_config(name)), SegFinetuneConfig)
@@ -83,3 +83,17 @@ def test_config_keys_are_dotted_and_complete():
     keys = config_keys()
     assert "train.steps" in keys and "model.pos_embed_weight" in keys and "data.planes" in keys
     assert "name" in keys and not any(k.endswith(".") for k in keys)
+
+
+def test_dama_paper_preset_has_the_papers_numbers():
+    cfg = load_config(resolve_config("dama_brain"))
+    m, t, d = cfg.model, cfg.train, cfg.dama
+    assert cfg.objective == "dama" and m.in_chans == 7 and m.img_size == 128 and m.patch_size == 16
+    assert (m.embed_dim, m.depth, m.num_heads, m.mlp_ratio) == (768, 12, 12, 4.0)
+    assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads) == (512, 8, 16)
+    assert m.mask_ratio == 0.8 and m.norm_pix_loss
+    assert (d.config, d.masking, d.overlap_ratio, d.K, d.beta, d.alpha) == ("student1-student2", "adaptive", 0.5, 6,
+                                                                            2.0, 1.0)
+    assert t.batch_size == 512 and t.lr == pytest.approx(1.5e-4 * 512 / 256) and t.betas == [0.9, 0.95]
+    assert t.weight_decay == 0.05 and t.no_decay_bias_norm and t.schedule == "cosine" and t.min_lr == 0.0
+    assert t.warmup_steps / t.steps == pytest.approx(40 / 500, rel=0.01)  # 40 of 500 epochs

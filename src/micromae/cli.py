@@ -72,6 +72,25 @@ def cmd_synth_em(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_mif(args: argparse.Namespace) -> int:
+    from micromae.data.synthetic_mif import write_mif_dataset
+
+    if len(args.shape) != 2 or min(args.shape) < 64:
+        raise input_error("--shape", "two sizes H W of at least 64", str(args.shape), "e.g. --shape 512 512")
+    paths = write_mif_dataset(args.out, n_images=args.n_images, shape=tuple(args.shape), seed=args.seed,
+                              crop_size=args.crop_size)
+    print(f"wrote {args.n_images} synthetic multiplex images, cell crops and COCO annotations to {paths['root']}")
+    return 0
+
+
+def cmd_export_encoder(args: argparse.Namespace) -> int:
+    from micromae.train.export import export_encoder
+
+    path = export_encoder(args.checkpoint, args.output, branch=args.branch)
+    print(f"wrote the encoder (branch {args.branch}) to {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def cmd_betaseg_labels(args: argparse.Namespace) -> int:
     from micromae.data.betaseg import load_betaseg_cell
     from micromae.io import write_files_atomically
@@ -222,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--betaseg-layout", action="store_true",
                    help="write the betaSeg file layout (<cell>_source.tif + per-class masks) instead")
     q.set_defaults(func=cmd_synth_em)
+    q = data_sub.add_parser("synth-mif", help="write synthetic multiplex immunofluorescence images with labels",
+                            description="Write synthetic 7-channel images (DAPI, Histones, NeuN, S100, Olig2, Iba1, "
+                                        "RECA1) with instance masks and 5 cell types: images/, instances/, "
+                                        "cells/<type>/ (single-cell crops: the classification set), "
+                                        "annotations.json (COCO) and channels.json.")
+    q.add_argument("--out", required=True, help="output folder (must not exist yet, or be empty)")
+    q.add_argument("--n-images", type=int, default=8, help="number of images (default 8)")
+    q.add_argument("--shape", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                   help="image size (default 512 512)")
+    q.add_argument("--crop-size", type=int, default=100, help="side of the single-cell crops (default 100)")
+    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.set_defaults(func=cmd_synth_mif)
     q = data_sub.add_parser("betaseg-labels", help="turn a betaSeg cell's masks into one label volume",
                             description="Combine the per-class masks of a betaSeg cell into labels.tif (0 outside, "
                                         "1 cytoplasm, then the organelles), cell_mask.tif and classes.json, ready "
@@ -341,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-figures", action="store_true", help="numbers only")
     q.add_argument("--out", required=True, help="report folder")
     q.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export-encoder", help="save a checkpoint's ViT encoder for fine-tuning or timm",
+                       description="Write the encoder of a pre-training checkpoint (MAE, data2vec, or DAMA branch "
+                                   "1 or 2) as safetensors whose keys load into timm's VisionTransformer, with "
+                                   "a JSON file of its shape beside it.")
+    p.add_argument("--checkpoint", required=True, help="pre-training checkpoint")
+    p.add_argument("--output", required=True, help="output .safetensors file")
+    p.add_argument("--branch", type=int, default=1, choices=(1, 2), help="DAMA branch (default 1)")
+    p.set_defaults(func=cmd_export_encoder)
 
     p = sub.add_parser("config-keys", help="every config key with its default")
     p.set_defaults(func=cmd_config_keys)

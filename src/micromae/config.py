@@ -53,7 +53,10 @@ class DataConfig:
       - ``synthetic``: a synthetic EM-like volume generated from ``synthetic_shape`` and ``synthetic_seed``;
       - ``files``: the volumes in ``paths`` (TIFF, OME-TIFF, Zarr, HDF5 ``file.h5:key``, ``.npy``), read lazily;
       - ``betaseg``: the cells ``betaseg_cells`` of a betaSeg folder ``root``;
-      - ``sample:NAME``: a real sample volume shipped in a PyPI package (``micromae info`` lists them).
+      - ``sample:NAME``: a real sample volume shipped in a PyPI package (``micromae info`` lists them);
+      - ``images``: a folder ``root`` of multi-channel 2-D TIFFs (DAMA; ``axes`` e.g. CYX or YXC);
+      - ``synthetic_mif``: ``n_images`` synthetic multiplex images (DAMA), written once into the run folder.
+    The first four feed the MAESTER plane-crop sampler; the last two DAMA's augmentation (DAMA.md §1).
     """
 
     source: str = "synthetic"
@@ -72,6 +75,26 @@ class DataConfig:
     normalize: str = "dtype"  # dtype | minmax | percentile
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     num_workers: int = 0
+    n_images: int = 16  # synthetic_mif: how many images (each synthetic_shape[-2:] pixels)
+    crop_scale: float = 0.5  # images/synthetic_mif: side of the random crop resized to the FOV, as a fraction
+
+
+@dataclass
+class DamaConfig:
+    """DAMA's second branch, adaptive mask and feature regression (DAMA.md §1); used when objective=dama
+    (``K``, ``beta`` and ``ema_momentum`` also by objective=data2vec)."""
+
+    config: str = "student1-student2"  # student1-student2 | shared | ema
+    masking: str = "adaptive"  # adaptive | random_overlap (DAMA-rand)
+    overlap_ratio: float = 0.5  # 0: adaptive without overlap
+    K: int = 6  # top blocks averaged into the regression target
+    beta: float = 2.0  # smooth-L1 beta
+    alpha: float = 1.0  # weight of the feature loss
+    pairing: str = "position"  # position | index (the public code's i-th with i-th visible token)
+    target_softmax: bool = False  # the public code's softmax on both sides
+    stop_grad_target: bool | None = None  # None: true for ema, false for two students
+    ema_momentum: float = 0.996  # cosine-scheduled to 1 over the run
+    emulate_public_code: bool = False  # reproduce the batch-wide masking bug (ablation only)
 
 
 @dataclass
@@ -103,10 +126,11 @@ class PretrainConfig:
     """One pre-training run."""
 
     name: str = "maester"
-    objective: str = "mae"
+    objective: str = "mae"  # mae | dama | data2vec
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dama: DamaConfig = field(default_factory=DamaConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,7 +138,10 @@ class PretrainConfig:
 
 # string fields that take one of a fixed set of values
 CHOICES: dict[str, tuple[str, ...]] = {
-    "objective": ("mae",),
+    "objective": ("mae", "dama", "data2vec"),
+    "dama.config": ("student1-student2", "shared", "ema"),
+    "dama.masking": ("adaptive", "random_overlap"),
+    "dama.pairing": ("position", "index"),
     "data.pad_mode": ("constant", "reflect"),
     "data.normalize": ("dtype", "minmax", "percentile"),
     "train.schedule": ("constant", "cosine"),

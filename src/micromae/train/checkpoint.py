@@ -9,7 +9,6 @@ leaves a truncated checkpoint at the real name.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 import re
@@ -91,24 +90,27 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_pretrained_encoder(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The ViT encoder of a pre-training checkpoint, ready for inference, and the checkpoint's config dict.
+def load_pretrained_encoder(path: str | Path, map_location: str | torch.device = "cpu", branch: int = 1):
+    """The ViT encoder of a pre-training checkpoint (MAE, data2vec, or DAMA ``branch`` 1 or 2), ready for
+    inference, and the checkpoint's config dict.
 
     Returns ``(encoder, config_dict, sha256_of_file)``; the hash ties outputs (cluster centres, label volumes)
     to the exact weights that made them.
     """
     from micromae.config import ModelConfig, from_dict
-    from micromae.models import MaskedAutoencoder
+    from micromae.models import ViTEncoder
+    from micromae.models.dama import encoder_state_dict
 
     state = load_checkpoint(path, map_location=map_location)
     config = state.get("config") or {}
-    model_cfg = from_dict(ModelConfig, config.get("model", {}))
-    mae = MaskedAutoencoder(**dataclasses.asdict(model_cfg))
+    m = from_dict(ModelConfig, config.get("model", {}))
+    encoder = ViTEncoder(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
+                         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias,
+                         pos_embed_weight=m.pos_embed_weight)
     try:
-        mae.load_state_dict(state["model"])
+        encoder.load_state_dict(encoder_state_dict(state["model"], branch))
     except RuntimeError as exc:
-        raise input_error(f"checkpoint '{path}'", "MAE weights matching the checkpoint's own model config",
+        raise input_error(f"checkpoint '{path}'", "encoder weights matching the checkpoint's own model config",
                           f"a mismatch ({str(exc).splitlines()[0]})",
                           "Pass a checkpoint written by micromae pretrain") from exc
-    encoder = mae.encoder.eval()
-    return encoder, config, file_sha256(path)
+    return encoder.eval(), config, file_sha256(path)

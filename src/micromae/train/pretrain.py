@@ -7,20 +7,40 @@ from pathlib import Path
 import torch
 
 from micromae.config import PretrainConfig, save_config, to_dict
+from micromae.data.image_stream import build_image_dataset, image_stream
 from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.models import MaskedAutoencoder
 from micromae.train.checkpoint import find_resume_checkpoint
-from micromae.train.distributed import cleanup_distributed, init_distributed
+from micromae.train.distributed import barrier, cleanup_distributed, init_distributed
 from micromae.train.engine import TrainResult, train
 from micromae.train.log import say
+from micromae.train.dama_objectives import build_dama_comparison_objective
+from micromae.train.engine import Objective
 from micromae.train.objectives import MAEObjective
+
+
+IMAGE_SOURCES = ("images", "synthetic_mif")
 
 
 def build_model(cfg: PretrainConfig) -> MaskedAutoencoder:
     """The masked autoencoder described by ``cfg.model``."""
     return MaskedAutoencoder(**to_dict(cfg.model))
+
+
+def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
+    """MAE, DAMA (DAMA.md §1; two students get independently initialised branches) or data2vec."""
+    dama = to_dict(cfg.dama)
+    if cfg.objective == "mae":
+        return MAEObjective(model)
+    if cfg.objective == "data2vec":
+        return build_dama_comparison_objective("data2vec", model, cfg.train.steps, K=cfg.dama.K,
+                                               beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum)
+    momentum = dama.pop("ema_momentum")
+    branch2 = build_model(cfg) if cfg.dama.config == "student1-student2" else None
+    return build_dama_comparison_objective("dama", model, cfg.train.steps, ema_momentum=momentum,
+                                           branch2=branch2, **dama)
 
 
 def build_sampler(cfg: PretrainConfig, rank: int = 0) -> PlaneCropSampler:
@@ -59,27 +79,40 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = 
                  stop_after: int | None = None) -> TrainResult:
     """Pre-train a masked autoencoder; writes config.yaml, log.jsonl, tb/, checkpoints/, figures/ in run_dir."""
     run_dir = Path(run_dir)
-    if cfg.model.in_chans != 1:
-        raise input_error("model.in_chans", "1 for MAESTER volume pre-training", str(cfg.model.in_chans),
-                          "Set model.in_chans=1")
+    images = cfg.data.source in IMAGE_SOURCES
+    if cfg.model.in_chans != 1 and not images:
+        raise input_error("model.in_chans", "1 for volume pre-training (plane crops of one channel)",
+                          str(cfg.model.in_chans), "Set model.in_chans=1, or use data.source=images")
     info, device = init_distributed(cfg.train.device)
     try:
         resume_path = start_run(run_dir, resume)
         torch.manual_seed(cfg.train.seed + info.rank)
-        sampler = build_sampler(cfg, rank=info.rank)
+        if images:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if info.is_main:  # the main process writes synthetic images once, the others wait and read them
+                dataset = build_image_dataset(cfg, run_dir)
+            barrier(info)
+            if not info.is_main:
+                dataset = build_image_dataset(cfg, run_dir)
+
+            def open_stream(start: int):
+                return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
+                                    info.world_size, cfg.data.num_workers, device.type == "cuda")
+        else:
+            sampler = build_sampler(cfg, rank=info.rank)
+
+            def open_stream(start: int):
+                return make_loader(sampler, cfg.train.batch_size, start_step=start,
+                                   num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
         model = build_model(cfg)
+        objective = build_objective(cfg, model)
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-            n_params = sum(p.numel() for p in model.parameters())
+            n_params = sum(p.numel() for p in objective.model.parameters())
             say(f"device {device} ({cfg.train.device}), world size {info.world_size}, "
                 f"{torch.get_num_threads()} CPU threads; model {n_params / 1e6:.2f} M parameters; run dir {run_dir}")
-
-        def open_stream(start: int):
-            return make_loader(sampler, cfg.train.batch_size, start_step=start,
-                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-
-        return train(cfg.train, MAEObjective(model), open_stream, run_dir, to_dict(cfg), info, device,
+        return train(cfg.train, objective, open_stream, run_dir, to_dict(cfg), info, device,
                      resume_from=resume_path, stop_after=stop_after)
     finally:
         cleanup_distributed(info)

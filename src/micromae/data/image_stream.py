@@ -1,0 +1,67 @@
+"""Batches of augmented multi-channel images for pre-training, as an endless step-indexed stream.
+
+The engine asks for the stream from a given step on (``open_stream(start)``); epochs are an implementation
+detail here: the order of epoch ``e`` is the :class:`~micromae.data.multichannel.SeededSampler` permutation
+of ``(seed, e)`` and each item's augmentation draws from ``(seed, rank, e, index)``, so starting at step ``s``
+gives exactly the batches an uninterrupted run sees from ``s`` on, without loading the skipped ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from micromae.config import PretrainConfig
+from micromae.data.multichannel import DamaAugment, MultiChannelImageFolder, SeededItems, SeededSampler
+from micromae.errors import input_error
+
+
+def build_image_dataset(cfg: PretrainConfig, run_dir: Path) -> MultiChannelImageFolder:
+    """The multi-channel image folder of ``data.source`` ``images`` or ``synthetic_mif`` with DAMA's
+    augmentation to ``model.img_size``; checks the channel count against ``model.in_chans``."""
+    d = cfg.data
+    if d.source == "synthetic_mif":
+        from micromae.data.synthetic_mif import write_mif_dataset
+
+        root = run_dir / "synthetic_mif"
+        if not (root / "images").is_dir():
+            write_mif_dataset(root, n_images=d.n_images, shape=tuple(d.synthetic_shape[-2:]), seed=d.synthetic_seed)
+        folder = root / "images"
+    else:
+        if d.root is None:
+            raise input_error("data.root", "a folder of multi-channel TIFFs", "nothing",
+                              "Set data.root=/path/to/tiffs (and data.axes=CYX or YXC if the files do not say)")
+        folder = Path(d.root)
+    augment = DamaAugment(cfg.model.img_size, scale=d.crop_scale)
+    dataset = MultiChannelImageFolder(folder, axes=d.axes, transform=augment)
+    if dataset.num_channels != cfg.model.in_chans:
+        raise input_error(f"images in '{folder}'", f"{cfg.model.in_chans} channels (model.in_chans)",
+                          f"{dataset.num_channels} channels ({', '.join(dataset.channel_names)})",
+                          f"Set model.in_chans={dataset.num_channels}")
+    return dataset
+
+
+def image_stream(dataset: Any, batch_size: int, start_step: int = 0, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield ``(step, images (B, C, H, W))`` for steps ``start_step, start_step + 1, ...`` forever."""
+    sampler = SeededSampler(len(dataset), seed, rank, world_size)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise input_error("image folder", f"at least {batch_size * world_size} images (one batch per process)",
+                          f"{len(dataset)} images", "Add images or lower train.batch_size")
+    items = SeededItems(dataset, seed, rank)
+    epoch, skip = divmod(start_step, per_epoch)
+    step = start_step
+    while True:
+        sampler.set_epoch(epoch)
+        keys = list(sampler)[skip * batch_size: per_epoch * batch_size]
+        loader = DataLoader(items, batch_size=batch_size, sampler=keys, num_workers=num_workers,
+                            pin_memory=pin_memory, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+        for images, _labels in loader:
+            yield step, images
+            step += 1
+        epoch, skip = epoch + 1, 0
