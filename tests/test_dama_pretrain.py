@@ -40,6 +40,7 @@ def test_every_objective_trains_in_the_same_trainer(tmp_path, extra, terms):
     assert result.step == 2
     log = read_log(tmp_path / "r")
     assert terms <= set(log[-1]) and all(np.isfinite(r["loss"]) for r in log)
+    assert (tmp_path / "r" / "figures" / "loss.png").read_bytes()[:4] == b"\x89PNG"  # loss curves per term
     state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
     if "dama.config=student1-student2" in extra:
         assert any(k.startswith("branch2.encoder.") for k in state["model"])  # both branches are saved

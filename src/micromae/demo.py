@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from micromae.config import PretrainConfig, load_config
-from micromae.train.log import read_log, say
+from micromae.train.log import say
 
 
 def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", k: int = 6,
@@ -22,7 +22,6 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", 
     """Run the demo into ``out``; returns the paths of what it wrote. ``overrides``: config key=value pairs."""
     from micromae.cli import resolve_config
     from micromae.data.synthetic_em import make_em_volume, write_em_volume
-    from micromae.evaluate.figures import plot_loss_curves
     from micromae.train.pretrain import run_pretrain
 
     t0 = time.time()
@@ -40,7 +39,7 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", 
     cfg = load_config(resolve_config(preset), PretrainConfig, file_overrides)
     run_dir = out / "pretrain"
     result = run_pretrain(cfg, run_dir, resume="auto")
-    curve = plot_loss_curves(read_log(run_dir), run_dir / "figures" / "loss.png")
+    curve = run_dir / "figures" / "loss.png"
     figures = sorted((run_dir / "figures").glob("reconstruction_step*.png"))
     outputs = {"data": data_dir, "run_dir": run_dir, "checkpoint": run_dir / "checkpoints" / "last.pt",
                "loss_curve": curve}

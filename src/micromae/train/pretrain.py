@@ -15,7 +15,8 @@ from micromae.models import MaskedAutoencoder
 from micromae.train.checkpoint import find_resume_checkpoint
 from micromae.train.distributed import barrier, cleanup_distributed, init_distributed
 from micromae.train.engine import TrainResult, train
-from micromae.train.log import say
+from micromae.evaluate.figures import plot_loss_curves
+from micromae.train.log import read_log, say
 from micromae.train.dama_objectives import build_dama_comparison_objective
 from micromae.train.engine import Objective
 from micromae.train.objectives import MAEObjective
@@ -65,6 +66,16 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+LOSS_TERMS = ("loss", "loss_p1", "loss_p2", "loss_f")
+
+
+def plot_run_losses(run_dir: Path) -> Path | None:
+    """``figures/loss.png``: every logged loss term against step (DAMA: L_p1, L_p2, L_f and the total)."""
+    records = read_log(run_dir)
+    keys = tuple(k for k in LOSS_TERMS if any(k in r for r in records))
+    return plot_loss_curves(records, run_dir / "figures" / "loss.png", keys=keys) if keys else None
+
+
 def start_run(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from (see :func:`resolve_resume`); refuses to start afresh over a finished or
     interrupted run, so nothing is overwritten by accident."""
@@ -112,7 +123,10 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = 
             n_params = sum(p.numel() for p in objective.model.parameters())
             say(f"device {device} ({cfg.train.device}), world size {info.world_size}, "
                 f"{torch.get_num_threads()} CPU threads; model {n_params / 1e6:.2f} M parameters; run dir {run_dir}")
-        return train(cfg.train, objective, open_stream, run_dir, to_dict(cfg), info, device,
-                     resume_from=resume_path, stop_after=stop_after)
+        result = train(cfg.train, objective, open_stream, run_dir, to_dict(cfg), info, device,
+                       resume_from=resume_path, stop_after=stop_after)
+        if info.is_main:
+            plot_run_losses(run_dir)
+        return result
     finally:
         cleanup_distributed(info)
