@@ -36,7 +36,7 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 __all__ = [
     "OUT_DIR", "parse_args", "resolve_device", "autocast", "synchronize", "time_call", "median",
     "measure_peak", "report_peak", "linear_flops", "block_flops", "vit_flops", "encoder_flops", "mae_flops",
-    "cpu_model", "environment", "Reporter", "log",
+    "cpu_model", "environment", "busy_cpu_seconds", "own_cpu_seconds", "OtherLoad", "Reporter", "log",
 ]
 
 
@@ -99,11 +99,14 @@ def median(values: list[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- peak
-def measure_peak(device: torch.device, n: int | None = None, warmup: int = 3, repeat: int = 10) -> dict[str, Any]:
-    """GFLOP/s of an ``n x n`` by ``n x n`` matmul (``2 n^3`` FLOP), median of ``repeat`` runs after ``warmup``.
+def measure_peak(device: torch.device, n: int | None = None, warmup: int = 3, repeat: int = 10,
+                 warmup_s: float = 2.0) -> dict[str, Any]:
+    """GFLOP/s of an ``n x n`` by ``n x n`` matmul (``2 n^3`` FLOP), median of ``repeat`` runs after warm-up.
 
-    CPU: float32 on all of torch's threads, n = 2048 by default. CUDA: bfloat16 (the precision the models run
-    in under autocast), n = 8192 by default, since a 2048 matmul is too short to fill a modern GPU.
+    Warm-up is at least ``warmup`` runs and at least ``warmup_s`` seconds: on the 2-core VM these figures were
+    taken on, the first second of matmuls ran at about half speed. CPU: float32 on all of torch's threads,
+    n = 2048 by default. CUDA: bfloat16 (the precision the models run in under autocast), n = 8192 by
+    default, since a 2048 matmul is too short to fill a modern GPU.
     """
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -111,8 +114,10 @@ def measure_peak(device: torch.device, n: int | None = None, warmup: int = 3, re
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
+    start, runs = time.perf_counter(), 0
+    while runs < warmup or time.perf_counter() - start < warmup_s:
+        time_call(lambda: torch.mm(a, b, out=out), device)
+        runs += 1
     times = [time_call(lambda: torch.mm(a, b, out=out), device) for _ in range(repeat)]
     seconds = median(times)
     return {"gflops": 2.0 * n ** 3 / seconds / 1e9, "n": n, "dtype": str(dtype).replace("torch.", ""),
@@ -125,7 +130,8 @@ def report_peak(reporter: Reporter, device: torch.device, quick: bool, figure: s
     Scripts measure ``peak`` at the start (the MFU denominator) and ``peak_end`` after their timings: a gap
     between the two says the machine's speed drifted during the run (other load), and the figures with it.
     """
-    peak = measure_peak(device, n=1024 if quick else None, warmup=1 if quick else 3, repeat=3 if quick else 10)
+    peak = measure_peak(device, n=1024 if quick else None, warmup=1 if quick else 3, repeat=3 if quick else 10,
+                        warmup_s=0.0 if quick else 2.0)
     reporter.emit(figure, peak["gflops"], "GFLOP/s", None, matmul_n=peak["n"], dtype=peak["dtype"],
                   threads=peak["threads"], repeat=peak["repeat"], median_s=peak["seconds"])
     return peak["gflops"]
@@ -205,8 +211,41 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU-seconds every process on the machine has used since boot (Linux ``/proc/stat``), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU-seconds this process and its finished children (data-loader workers) have used."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """Average number of cores that *other* processes kept busy since construction: machine-wide busy time
+    minus our own, per wall-clock second. Unlike the load average it does not count the benchmark itself;
+    near 0 means the figures were taken on a quiet machine."""
+
+    def __init__(self) -> None:
+        self.wall, self.busy, self.own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+
+    def cores(self) -> float | None:
+        busy = busy_cpu_seconds()
+        if busy is None or self.busy is None:
+            return None
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        return max(0.0, (busy - self.busy) - (own_cpu_seconds() - self.own)) / wall
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    """Where a figure was measured: date, CPU, cores, torch threads, versions, device, 1-min load average."""
+    """Where a figure was measured: date, CPU, cores, torch threads, versions, device, 1-min load average
+    (which includes the benchmark's own threads)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
@@ -221,12 +260,15 @@ class Reporter:
     def __init__(self, bench: str, out_dir: Path, device: torch.device, quick: bool) -> None:
         self.bench, self.out_dir, self.device, self.quick = bench, Path(out_dir), device, quick
         self.lines: list[dict[str, Any]] = []
+        self.other_load = OtherLoad()
 
     def emit(self, figure: str, value: float, unit: str, goal: float | None, **context: Any) -> dict[str, Any]:
-        """Print and keep ``{"bench", "figure", "value", "unit", "goal", "met", **context, "quick", "env"}``."""
+        """Print and keep ``{"bench", "figure", "value", "unit", "goal", "met", **context, "quick", "env"}``;
+        ``env["other_load"]`` is the cores other processes used on average since the script started."""
+        env = {**environment(self.device), "other_load": self.other_load.cores()}
         record = {"bench": self.bench, "figure": figure, "value": float(value), "unit": unit, "goal": goal,
                   "met": None if goal is None else bool(value >= goal), **context, "quick": self.quick,
-                  "env": environment(self.device)}
+                  "env": env}
         print(json.dumps(record), flush=True)
         self.lines.append(record)
         return record

@@ -109,6 +109,7 @@ def check_lines(lines: list[dict], bench: str) -> None:
         assert isinstance(line["value"], float) and math.isfinite(line["value"]) and line["value"] > 0, line
         assert line["goal"] is None or (line["goal"] > 0 and line["met"] == (line["value"] >= line["goal"]))
         assert line["env"]["device"] == "cpu" and line["env"]["torch"] == torch.__version__
+        assert line["env"]["other_load"] is None or line["env"]["other_load"] >= 0
     goals = {line["figure"]: line["goal"] for line in lines if line["goal"] is not None}
     expected_goals = {"bench_encoder": {"encoder_mfu": 0.85, "encoder_vs_timm": 0.97},
                       "bench_pretrain": {"pretrain_mfu": 0.5}, "bench_sampler": {"data_ratio": 5.0}}

@@ -1,0 +1,111 @@
+"""Tests of the DAMA benchmarks: ``benchmarks/bench_dama.py`` and ``benchmarks/dama_probe.py`` run with
+``--quick`` as subprocesses and print valid JSON lines with the expected figures, keys and finite values
+(no assertion on speed or accuracy); plus the probe's linear-probe helper on features that do or do not
+carry the label."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+KEYS = {"bench", "figure", "value", "unit", "goal", "met", "quick", "env"}
+CONFIGS = {"student1-student2", "ema", "shared", "data2vec"}
+METHODS = {"DAMA", "DAMA-ema", "MAE", "data2vec"}
+
+
+def run_quick(script: str, out: Path) -> list[dict]:
+    """Run ``benchmarks/<script>.py --quick --device cpu --out out``; return its stdout JSON lines, after
+    checking they equal ``<out>/<script>.jsonl`` and that no temporary file is left. One torch thread: the
+    figures mean nothing here, and on a busy 2-core machine two threads only wait for each other."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / f"{script}.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    written = [json.loads(line) for line in (out / f"{script}.jsonl").read_text().splitlines()]
+    assert printed and written == printed
+    assert not list(out.glob(".*.tmp"))
+    for line in printed:
+        assert KEYS <= set(line), line
+        assert line["bench"] == script and line["quick"] is True
+        assert isinstance(line["value"], float) and math.isfinite(line["value"]), line
+        assert line["env"]["device"] == "cpu" and line["env"]["torch"] == torch.__version__
+    return printed
+
+
+def load_module(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (its folder on ``sys.path`` for ``common``)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_dama_quick(tmp_path):
+    lines = run_quick("bench_dama", tmp_path)
+    assert {line["figure"] for line in lines} == {"peak", "peak_end", "dama_cost"}
+    costs = [line for line in lines if line["figure"] == "dama_cost"]
+    # every variant on both shapes, once each
+    assert sorted((c["shape"], c["config"]) for c in costs) == sorted(
+        (s, c) for s in ("vit_s", "dama_tiny") for c in CONFIGS)
+    goals = {}
+    for c in costs:
+        assert c["value"] > 0 and c["median_s"] > 0 and c["mae_median_s"] > 0
+        assert c["goal_is"] == "at most"
+        # upper-bound goals: met means the ratio is at most the goal
+        assert c["met"] == (None if c["goal"] is None else c["value"] <= c["goal"])
+        goals[c["config"]] = c["goal"]
+        # the ratio is the DAMA time over the MAE steps around it: consistent with the medians
+        assert len(c["ratios"]) == c["rounds"] == 1
+        assert c["value"] == pytest.approx(c["ratios"][0], rel=1e-3)
+    assert goals == {"student1-student2": 2.1, "ema": 1.6, "shared": None, "data2vec": None}
+    # two students train twice the parameters of MAE plus the feature head; the EMA teacher trains none
+    by = {(c["shape"], c["config"]): c for c in costs}
+    for shape in ("vit_s", "dama_tiny"):
+        mae = by[(shape, "ema")]["mae_params"]
+        assert by[(shape, "student1-student2")]["trained_params"] > 2 * mae
+        assert mae < by[(shape, "ema")]["trained_params"] < 2 * mae
+
+
+def test_dama_probe_quick(tmp_path):
+    lines = run_quick("dama_probe", tmp_path)
+    assert {line["figure"] for line in lines} == {"pretrain_cpu_s", "probe_accuracy"}
+    runs = {line["method"]: line for line in lines if line["figure"] == "pretrain_cpu_s"}
+    assert set(runs) == METHODS
+    for run in runs.values():
+        assert run["value"] >= 0 and run["wall_s"] > 0 and run["steps"] == 2
+        assert math.isfinite(run["last_loss"])
+    probes = [line for line in lines if line["figure"] == "probe_accuracy"]
+    features = METHODS | {"random init", "raw channel means"}
+    assert sorted((p["method"], p["crop"]) for p in probes) == sorted((f, s) for f in features for s in (16, 32))
+    for p in probes:
+        assert 0.0 <= p["value"] <= 1.0 and len(p["accuracies"]) == p["splits"] == 2
+        assert p["value"] == pytest.approx(float(np.mean(p["accuracies"])))
+        assert p["n_cells"] == sum(p["class_counts"].values()) and len(p["class_counts"]) == 5
+        assert p["feature_dim"] == (7 if p["method"] == "raw channel means" else 64)
+    table = (tmp_path / "dama_probe.md").read_text()
+    assert all(f"| {name} |" in table for name in features)
+
+
+def test_linear_probe_reads_the_label_only_when_features_carry_it():
+    probe = load_module("dama_probe")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 20)
+    informative = np.eye(5)[labels] * 6.0 + rng.normal(size=(100, 5))  # class means 6 sigma apart
+    noise = rng.normal(size=(100, 5))
+    good, bad = probe.linear_probe(informative, labels, 3), probe.linear_probe(noise, labels, 3)
+    assert len(good) == len(bad) == 3
+    assert np.mean(good) > 0.9 and np.mean(bad) < 0.5  # chance is 0.2
