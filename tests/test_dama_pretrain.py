@@ -91,3 +91,20 @@ def test_cli_synth_mif_and_export(tmp_path):
     assert cli_main(["export-encoder", "--checkpoint", str(tmp_path / "r" / "checkpoints" / "last.pt"),
                      "--output", str(tmp_path / "e.safetensors"), "--branch", "2"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["branch"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_dama(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+           "-m", "micromae", "pretrain", "dama_tiny", *TINY, "train.steps=2", "--run-dir", str(run)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert len(list((run / "synthetic_mif" / "images").glob("*.tif"))) == 4  # written once, by rank 0
