@@ -7,13 +7,17 @@ Figures (one JSON line each; see PERFORMANCE.md and BENCHMARKS.md "Segmentation"
   192 wide, 14 blocks), ``pixels/s x FLOP/pixel / peak`` with FLOP/pixel = analytic encoder FLOPs x windows /
   pixels; ``cover_stride_pixels_per_s``; ``encoder_mfu_same_batch``: the encoder alone on random windows at
   the same batch size (timed before and after the embedding), and ``cover_stride_vs_encoder`` (the ratio of
-  the two MFUs: below 1 by what our bookkeeping costs).
+  the two MFUs: below 1 by what our bookkeeping costs). Both MFU lines also carry ``mfu_vs_local_peak``, against
+  the median of two short peak readings taken just before and just after these timings (the machine's speed
+  drifts; this is the reading to trust when ``peak`` and ``peak_end`` disagree).
+- The pre-trained tiny encoder is cached in ``<out>/seg_tiny_fov60_<steps>steps`` (reused when its config
+  matches; pre-training runs on one torch thread).
 - ``naive_speedup`` (goal >= 10): exact vs ``embed_pixels_naive`` (one window per pixel) on a 40x40 crop.
 - ``speedup_central_8``, ``speedup_central_12``, ``speedup_fast`` (goal >= 20 for fast): the same 256x256
   image in each mode, time of exact / time of the mode.
 - ``tiny_speedup_<mode>`` and ``dice_<mode>`` (mode exact, central_8, central_12, fast): a tiny MAESTER
   encoder with FOV 60 (12x12 tokens, so c = 4, 8, 12 all mean something) pre-trained with ``run_pretrain``
-  on the synthetic EM volume (cached in ``<out>/<run name>``); k-means (k = 6, centres fitted once on
+  on the synthetic EM volume; k-means (k = 6, centres fitted once on
   exact-mode samples inside the cell mask) labels the embeddings of every mode; mean Dice (Hungarian mapping,
   inside the cell mask) against the reference labels, with ``dice_change`` = mode - exact and
   ``agreement_with_exact`` (fraction of pixels given the same cluster as exact mode).
@@ -35,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import (Reporter, encoder_flops, log, median, parse_args, report_peak, resolve_device,
+from common import (Reporter, encoder_flops, log, measure_peak, median, parse_args, report_peak, resolve_device,
                     synchronize, time_call)
 from micromae.models import ViTEncoder, vit_maester
 from micromae.segment.cover_stride import count_windows, embed_pixels, embed_pixels_batch, embed_pixels_naive
@@ -99,6 +103,12 @@ def paper_encoder(quick: bool, device: torch.device) -> ViTEncoder:
     return enc.to(device).eval()
 
 
+def local_peak(device: torch.device, quick: bool) -> float:
+    """A short matmul-peak reading (GFLOP/s) taken next to a timing: on a shared machine the speed drifts
+    during a run, and an MFU against the peak measured minutes earlier can be off by a factor of two."""
+    return measure_peak(device, n=1024 if quick else None, warmup=1, repeat=3 if quick else 5, warmup_s=0.5)["gflops"]
+
+
 def encoder_alone(encoder: ViTEncoder, batch: int, device: torch.device, repeat: int) -> list[float]:
     """Seconds per forward of ``encoder`` on ``batch`` random windows, ``repeat`` times."""
     windows = torch.rand(batch, encoder.in_chans, *encoder.img_size,
@@ -116,18 +126,21 @@ def bench_paper(rep: Reporter, plan: Plan, device: torch.device, peak: float, qu
     log(f"paper encoder: exact embedding of {size}x{size} ({windows} windows, batch {batch}) between 2+2 "
         f"encoder-alone forwards")
     encoder_alone(enc, batch, device, 1)  # warm-up
+    local = [local_peak(device, quick)]
     t_enc = encoder_alone(enc, batch, device, 2)
     t_exact = timed(lambda: embed_pixels(enc, image, batch_size=batch), device)[0]
     t_enc += encoder_alone(enc, batch, device, 2)
+    local.append(local_peak(device, quick))
     fpp = flop_per_pixel(enc, size, size)
     pixels_per_s = size * size / t_exact
-    mfu = pixels_per_s * fpp / 1e9 / peak
-    enc_mfu = encoder_flops(enc, batch) / median(t_enc) / 1e9 / peak
-    ctx = dict(image=size, windows=windows, batch=batch, peak_gflops=peak)
-    rep.emit("cover_stride_mfu", mfu, "fraction of peak", 0.8, gflop_per_pixel=fpp / 1e9, seconds=t_exact, **ctx)
+    gflops, enc_gflops = pixels_per_s * fpp / 1e9, encoder_flops(enc, batch) / median(t_enc) / 1e9
+    ctx = dict(image=size, windows=windows, batch=batch, peak_gflops=peak, local_peak_gflops=local)
+    rep.emit("cover_stride_mfu", gflops / peak, "fraction of peak", 0.8, gflop_per_pixel=fpp / 1e9,
+             seconds=t_exact, gflops=gflops, mfu_vs_local_peak=gflops / median(local), **ctx)
     rep.emit("cover_stride_pixels_per_s", pixels_per_s, "pixels/s", None, seconds=t_exact, **ctx)
-    rep.emit("encoder_mfu_same_batch", enc_mfu, "fraction of peak", None, encoder_seconds=t_enc, **ctx)
-    rep.emit("cover_stride_vs_encoder", mfu / enc_mfu, "ratio", None, **ctx)
+    rep.emit("encoder_mfu_same_batch", enc_gflops / peak, "fraction of peak", None, encoder_seconds=t_enc,
+             gflops=enc_gflops, mfu_vs_local_peak=enc_gflops / median(local), **ctx)
+    rep.emit("cover_stride_vs_encoder", gflops / enc_gflops, "ratio", None, **ctx)
 
     for name in ("central_8", "central_12", "fast"):
         repeat = plan.fast_repeat if name == "fast" else 1
