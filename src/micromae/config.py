@@ -247,6 +247,19 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def options_from_kwargs(cls: type, options: dict, what: str) -> Any:
+    """``cls(**options)`` for an options dataclass, rejecting unknown names with the list of valid ones, then
+    ``.validate()`` when the class has it (the synthetic-data generators' ``**options``)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise input_error(f"{what} options", f"names among {sorted(known)}", repr(unknown), "Check the spelling")
+    opts = cls(**options)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    return opts
+
+
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config dataclass (lists, not tuples, so YAML stays readable)."""
     return dataclasses.asdict(cfg)

@@ -28,7 +28,7 @@ mitochondria and granules with a Dice of ~0.2–0.3. The default 64×256×256 vo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from micromae.data.synthetic_em_render import (
     place_nuclei,
     warped_voronoi,
 )
+from micromae.config import options_from_kwargs
 from micromae.errors import input_error
 from micromae.io import write_files_atomically
 
@@ -159,13 +160,7 @@ def _check_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def _options(options: dict) -> EMOptions:
-    known = {f.name for f in fields(EMOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise input_error("make_em_volume options", f"names among {sorted(known)}", repr(unknown), "Check the spelling")
-    opts = EMOptions(**options)
-    opts.validate()
-    return opts
+    return options_from_kwargs(EMOptions, options, "make_em_volume")
 
 
 def make_em_volume(shape: tuple[int, int, int] = (64, 256, 256), seed: int = 0, **options) -> SyntheticEM:

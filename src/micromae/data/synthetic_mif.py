@@ -33,7 +33,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage as ndi
 
 from micromae.data.synthetic_mif_render import draw_cells, form_image, paint_cells, resolve_instances
+from micromae.config import options_from_kwargs
 from micromae.errors import input_error
 from micromae.io import atomic_path, write_tiff
 
@@ -162,13 +163,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _options(options: dict) -> MIFOptions:
-    known = {f.name for f in fields(MIFOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise input_error("make_mif_image options", f"names among {sorted(known)}", repr(unknown), "Check the spelling")
-    opts = MIFOptions(**options)
-    opts.validate()
-    return opts
+    return options_from_kwargs(MIFOptions, options, "make_mif_image")
 
 
 def make_mif_image(shape: Sequence[int] = (512, 512), seed: int | Sequence[int] = 0, n_cells: int | None = None,
