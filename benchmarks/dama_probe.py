@@ -129,9 +129,10 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, seeds: int) -> list[f
     return accuracies
 
 
-def markdown_table(rows: list[dict], sides: list[int], cpu: dict[str, dict]) -> str:
+def markdown_table(rows: list[dict], sides: list[int], img_size: int, cpu: dict[str, dict]) -> str:
     """One row per feature set: accuracy per crop side (mean ± std), pre-training CPU and wall seconds."""
-    head = "| features | " + " | ".join(f"crop {s} px → 32 (acc.)" for s in sides) + " | pre-training CPU s (wall s) |"
+    crops = " | ".join(f"crop {s} px → {img_size} (acc.)" for s in sides)
+    head = f"| features | {crops} | pre-training CPU s (wall s) |"
     lines = [head, "|" + "---|" * (len(sides) + 2)]
     for name in dict.fromkeys(r["method"] for r in rows):
         cells = []
@@ -155,38 +156,52 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
-    rep = Reporter("dama_probe", args.out, device, args.quick)
-    seeds = args.seeds or (2 if args.quick else 5)
-    n_images = args.held_out_images or (2 if args.quick else 30)
-    cfgs = {m: method_config(m, args, device) for m in METHODS}
-    base = cfgs["MAE"]
+def pretrained_encoders(rep: Reporter, cfgs: dict[str, PretrainConfig], keep: Path | None) -> dict[str, ViTEncoder]:
+    """Pre-train every method (run folders under ``keep``, else a temporary folder); return the encoders
+    (branch 1) of their final checkpoints and the random-init encoder the runs start from."""
     with contextlib.ExitStack() as stack:
-        root = args.keep_runs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dama_probe_")))
+        root = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dama_probe_")))
         checkpoints = {m: pretrain(rep, m, cfg, root / m) for m, cfg in cfgs.items()}
         encoders = {m: load_pretrained_encoder(ckpt, branch=1)[0] for m, ckpt in checkpoints.items()}
+    base = next(iter(cfgs.values()))
     torch.manual_seed(base.train.seed)
     encoders["random init"] = build_model(base).encoder
-    img_size = base.model.img_size
-    sides = [round(base.data.crop_scale * img_size), img_size]
-    shape = (128, 128) if args.quick else tuple(base.data.synthetic_shape[-2:])
-    crops, labels = held_out_crops(n_images, shape, sides, img_size, n_cells=12 if args.quick else None)
+    return encoders
+
+
+def probe_all(rep: Reporter, encoders: dict[str, ViTEncoder], crops: dict[int, torch.Tensor], labels: np.ndarray,
+              seeds: int) -> list[dict]:
+    """Emit ``probe_accuracy`` for every encoder and the raw channel means, per crop side; return the lines."""
     counts = {CELL_TYPES[k]: int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
-    log(f"probe: {len(labels)} cells {counts}, crop sides {sides}, {seeds} splits")
+    log(f"probe: {len(labels)} cells {counts}, crop sides {list(crops)}, {seeds} splits")
     rows = []
-    for side in sides:
-        sets = {m: pooled_features(e, crops[side]) for m, e in encoders.items()}
-        sets["raw channel means"] = crops[side].mean(dim=(2, 3)).numpy()
+    for side, imgs in crops.items():
+        sets = {m: pooled_features(e, imgs) for m, e in encoders.items()}
+        sets["raw channel means"] = imgs.mean(dim=(2, 3)).numpy()
         for name, feats in sets.items():
             acc = linear_probe(feats, labels, seeds)
             rows.append(rep.emit("probe_accuracy", float(np.mean(acc)), "fraction correct", None, method=name,
                                  crop=side, std=float(np.std(acc)), accuracies=acc, n_cells=len(labels),
                                  class_counts=counts, feature_dim=int(feats.shape[1]), splits=seeds,
                                  chance=max(counts.values()) / len(labels)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    rep = Reporter("dama_probe", args.out, device, args.quick)
+    cfgs = {m: method_config(m, args, device) for m in METHODS}
+    encoders = pretrained_encoders(rep, cfgs, args.keep_runs)
+    base = cfgs["MAE"]
+    img_size = base.model.img_size
+    sides = [round(base.data.crop_scale * img_size), img_size]
+    shape = (128, 128) if args.quick else tuple(base.data.synthetic_shape[-2:])
+    n_images = args.held_out_images or (2 if args.quick else 30)
+    crops, labels = held_out_crops(n_images, shape, sides, img_size, n_cells=12 if args.quick else None)
+    rows = probe_all(rep, encoders, crops, labels, args.seeds or (2 if args.quick else 5))
     cpu = {line["method"]: line for line in rep.lines if line["figure"] == "pretrain_cpu_s"}
-    table = markdown_table(rows, sides, cpu)
+    table = markdown_table(rows, sides, img_size, cpu)
     log("\n" + table)
     rep.close()
     write_text_atomic(args.out / "dama_probe.md", table)
