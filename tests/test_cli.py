@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from micromae.cli import build_parser, main
+from micromae.errors import MicromaeInputError
 from micromae.data.synthetic_em import make_em_volume
 
 
@@ -100,3 +101,16 @@ def test_betaseg_labels_feed_the_evaluation(tmp_path):
     ref = make_em_volume(shape=(8, 40, 40), seed=0)
     assert np.array_equal(labels == names.index("nucleus"), ref.labels == 3)
     assert np.array_equal(tifffile.imread(out / "cell_mask.tif") > 0, ref.cell_mask)
+
+
+def test_finetune_dispatches_on_task_and_rejects_unknown_tasks(tmp_path):
+    from micromae.cli import finetune_task
+
+    good, bad, plain = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    good.write_text("task: classification\nname: x\n")
+    bad.write_text("task: detection\n")
+    plain.write_text("name: seg\nhead: segmenter\n")
+    assert finetune_task(good) == "classification"
+    assert finetune_task(plain) == "segmentation"
+    with pytest.raises(MicromaeInputError, match="instances"):
+        finetune_task(bad)

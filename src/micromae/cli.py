@@ -116,13 +116,38 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from micromae.train.seg_finetune import load_seg_finetune_config, run_seg_finetune
+FINETUNE_TASKS = ("segmentation", "classification", "instances")
 
-    cfg = load_seg_finetune_config(resolve_config(args.config), args.overrides)
+
+def finetune_task(path: Path) -> str:
+    """The ``task`` key of a fine-tuning YAML (default ``segmentation``): which trainer runs it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise input_error(f"config '{path}'", "valid YAML", f"a parse error ({exc})", "Fix the file") from exc
+    task = data.get("task", "segmentation") if isinstance(data, dict) else "segmentation"
+    if task not in FINETUNE_TASKS:
+        raise input_error(f"config '{path}' task", f"one of {list(FINETUNE_TASKS)}", repr(task),
+                          "Set task: classification (cell types), instances (Mask R-CNN) or segmentation")
+    return task
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    path = resolve_config(args.config)
+    task = finetune_task(path)
+    if task == "classification":
+        from micromae.train.classify import load_classify_config as load, run_classify_finetune as run
+    elif task == "instances":
+        from micromae.train.maskrcnn import load_maskrcnn_config as load, run_maskrcnn_finetune as run
+    else:
+        from micromae.train.seg_finetune import load_seg_finetune_config as load, run_seg_finetune as run
+
+    cfg = load(path, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    result = run_seg_finetune(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
-    print(f"fine-tuning stopped at step {result.step} (loss {result.last_loss:.4f}); "
+    result = run(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+    print(f"fine-tuning ({task}) stopped at step {result.step} (loss {result.last_loss:.4f}); "
           f"checkpoint: {result.checkpoint}")
     return 0
 
@@ -372,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-figures", action="store_true", help="numbers only")
     q.add_argument("--out", required=True, help="report folder")
     q.set_defaults(func=cmd_evaluate)
+
+    from micromae import cli_classify, cli_instances
+
+    cli_classify.register(sub, ev)
+    cli_instances.register(sub, ev)
 
     p = sub.add_parser("export-encoder", help="save a checkpoint's ViT encoder for fine-tuning or timm",
                        description="Write the encoder of a pre-training checkpoint (MAE, data2vec, or DAMA branch "

@@ -71,6 +71,7 @@ class SegFinetuneConfig:
     ``mask_ratio`` and ``norm_pix_loss`` are unused). ``init``: ``random`` or a MAESTER checkpoint path."""
 
     name: str = "segmenter"
+    task: str = "segmentation"  # what `micromae finetune` dispatches on (classification / instances elsewhere)
     head: str = "segmenter"  # segmenter | vit_decoder
     num_classes: int = 6
     ignore_index: int = 255
