@@ -1,7 +1,7 @@
 """Segmentation quality: MAESTER (exact cover-and-stride embeddings + k-means) next to classical baselines.
 
 Per-class Dice on held-out and training synthetic EM-like volumes, and nucleus Dice on the real ``nuclei``
-sample, all scored with :func:`micromae.evaluate.metrics.evaluate_segmentation` (every voxel counted):
+sample, all scored with :func:`micromae.evaluate.metrics.evaluate_segmentation`:
 
 - **MAESTER**: a checkpoint (``--checkpoint``) or one pre-trained here with a preset (``--preset``, ``--set``
   overrides) on the synthetic volume of ``--train-seed``; ``micromae segment``'s pipeline in exact mode,
@@ -13,6 +13,9 @@ sample, all scored with :func:`micromae.evaluate.metrics.evaluate_segmentation` 
 - **nuclei** (``--nuclei``): the preset pre-trained on ``sample:nuclei`` (percentile normalisation, the
   sample is uint16 with a narrow range), k = 2..4, nucleus Dice of the best mapping; next to Otsu.
   Reference: instance ids > 0 = nucleus.
+
+With ``--cell-mask`` the synthetic volumes are fitted and scored inside the cell mask only, with "outside" left
+out of the mean (the betaSeg convention, as ``micromae demo`` reports); by default every voxel counts.
 
 Each line on stdout is a JSON object (one method, one mapping, one data set) with the per-class Dice and the
 CPU seconds (process CPU time over all threads) and wall seconds of the part that produced it; the same lines
@@ -63,50 +66,63 @@ def timed(clock: dict[str, float]) -> Iterator[dict[str, float]]:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_rows(pred: np.ndarray, ref: np.ndarray, names: list[str], base: dict[str, Any],
-               mappings: tuple[str, ...] = ("hungarian", "majority")) -> list[dict[str, Any]]:
-    """pred (Z, Y, X) cluster ids, ref (Z, Y, X) class ids → one row per mapping with per-class Dice."""
-    result = evaluate_segmentation(pred, ref, class_names=names)
+               mappings: tuple[str, ...] = ("hungarian", "majority"), mask: np.ndarray | None = None,
+               ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """pred (Z, Y, X) cluster ids, ref (Z, Y, X) class ids → one row per mapping with per-class Dice.
+
+    mask: (Z, Y, X) bool, count only these voxels (the cell mask); ignore: classes left out of the mean."""
+    result = evaluate_segmentation(pred, ref, mask=mask, class_names=names, ignore_classes=ignore)
     rows = []
     for mapping in mappings:
         scores = result[mapping]["scores"]
-        dice = {n: round(scores["per_class"][n]["dice"] or 0.0, 4) for n in names}
+        dice = {n: round(scores["per_class"][n]["dice"] or 0.0, 4) for n in names if n not in ignore}
         rows.append({**base, "mapping": mapping, "mean_dice": round(scores["mean_dice"], 4), "dice": dice,
                      "ari": round(result["clusters"]["ari"], 4)})
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ baselines
-def intensity_kmeans(image: np.ndarray, k: int = 6, n_fit: int = 100_000, seed: int = 0) -> np.ndarray:
-    """image (Z, Y, X) → cluster ids (Z, Y, X): KMeans on grey values fitted on ``n_fit`` random voxels."""
+def intensity_kmeans(image: np.ndarray, k: int = 6, n_fit: int = 100_000, seed: int = 0,
+                     fit_values: np.ndarray | None = None) -> np.ndarray:
+    """image (Z, Y, X) → cluster ids (Z, Y, X): KMeans on grey values fitted on ``n_fit`` random voxels
+    (of ``fit_values``, e.g. the voxels inside a mask, when given)."""
     from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(seed)
     flat = image.reshape(-1, 1).astype(np.float32)
-    fit = flat[rng.choice(len(flat), min(n_fit, len(flat)), replace=False)]
+    pool = flat if fit_values is None else np.asarray(fit_values, np.float32).reshape(-1, 1)
+    fit = pool[rng.choice(len(pool), min(n_fit, len(pool)), replace=False)]
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(fit)
     return km.predict(flat).reshape(image.shape).astype(np.uint8)
 
 
-def otsu_classes(image: np.ndarray, classes: int) -> np.ndarray:
-    """image → (Z, Y, X) class ids from Otsu (2 classes) or multi-Otsu (3+) thresholds."""
+def otsu_classes(image: np.ndarray, classes: int, fit_values: np.ndarray | None = None) -> np.ndarray:
+    """image → (Z, Y, X) class ids from Otsu (2 classes) or multi-Otsu (3+) thresholds (computed on
+    ``fit_values`` when given)."""
     from skimage.filters import threshold_multiotsu, threshold_otsu
 
-    thresholds = [threshold_otsu(image)] if classes == 2 else threshold_multiotsu(image, classes=classes)
+    values = image if fit_values is None else fit_values
+    thresholds = [threshold_otsu(values)] if classes == 2 else threshold_multiotsu(values, classes=classes)
     return np.digitize(image, np.asarray(thresholds)).astype(np.uint8)
 
 
 def baseline_rows(image: np.ndarray, ref: np.ndarray, names: list[str], base: dict[str, Any],
-                  otsu: tuple[int, ...] = (2, 3, 4, 5), kmeans_k: int | None = 6) -> list[dict[str, Any]]:
+                  otsu: tuple[int, ...] = (2, 3, 4, 5), kmeans_k: int | None = 6,
+                  mask: np.ndarray | None = None, ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Intensity k-means (both mappings) and Otsu / multi-Otsu (Hungarian) rows; fitted inside ``mask``."""
     rows = []
+    inside = image if mask is None else image[mask]
     if kmeans_k:
         with timed({}) as clock:
-            pred = intensity_kmeans(image, kmeans_k)
-        rows += score_rows(pred, ref, names, {**base, "method": f"intensity k-means (k={kmeans_k})", **clock})
+            pred = intensity_kmeans(image, kmeans_k, fit_values=inside)
+        rows += score_rows(pred, ref, names, {**base, "method": f"intensity k-means (k={kmeans_k})", **clock},
+                           mask=mask, ignore=ignore)
     for classes in otsu:
         with timed({}) as clock:
-            pred = otsu_classes(image, classes)
+            pred = otsu_classes(image, classes, fit_values=inside)
         label = "Otsu (2 classes)" if classes == 2 else f"multi-Otsu ({classes} classes)"
-        rows += score_rows(pred, ref, names, {**base, "method": label, **clock}, mappings=("hungarian",))
+        rows += score_rows(pred, ref, names, {**base, "method": label, **clock}, mappings=("hungarian",),
+                           mask=mask, ignore=ignore)
     return rows
 
 
@@ -123,12 +139,15 @@ def pretrain(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, di
 
 
 def maester_labels(checkpoint: Path, image: np.ndarray, ks: list[int], work: Path, n_samples: int,
-                   seed: int = 0) -> tuple[dict[int, np.ndarray], dict[str, float]]:
-    """Exact-mode ``micromae segment`` of ``image`` → {k: cluster ids (Z, Y, X)} and its timing."""
+                   seed: int = 0, mask: np.ndarray | None = None) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Exact-mode ``micromae segment`` of ``image`` → {k: cluster ids (Z, Y, X)} and its timing.
+
+    mask: k-means is fitted on pixels inside it only (as ``micromae segment --mask``)."""
     out = work / f"seg_{time.monotonic_ns()}.zarr"
     with timed({}) as clock:
         run_segment(checkpoint, image, out, k=ks[0], sweep=ks[1:], settings=SegmentSettings(mode="exact"),
-                    n_samples=n_samples, seed=seed, device="cpu", overwrite=True, save_sample=False)
+                    n_samples=n_samples, seed=seed, device="cpu", overwrite=True, save_sample=False,
+                    mask_path=None if mask is None else mask.astype(np.uint8))
     import zarr
 
     group = zarr.open_group(store=str(out), mode="r")
@@ -142,15 +161,19 @@ def synthetic_rows(checkpoint: Path, seed: int, shape: tuple[int, int, int], arg
     """All methods on the synthetic volume of ``seed`` (every ``z_step``-th slice)."""
     vol = make_em_volume(shape, seed=seed)
     image, ref = vol.image[:: args.z_step], vol.labels[:: args.z_step]
-    base = {"bench": "segmentation_quality", "data": f"synthetic seed {seed} ({role})",
+    mask = vol.cell_mask[:: args.z_step] if args.cell_mask else None
+    ignore = ("outside",) if args.cell_mask else ()
+    where = ", inside the cell mask" if args.cell_mask else ""
+    base = {"bench": "segmentation_quality", "data": f"synthetic seed {seed} ({role}{where})",
             "shape": list(image.shape)}
     names = list(CLASS_NAMES)
-    labels, clock = maester_labels(checkpoint, image, args.ks, work, args.samples)
+    labels, clock = maester_labels(checkpoint, image, args.ks, work, args.samples, mask=mask)
     rows = []
     for i, k in enumerate(args.ks):
         timing = clock if i == 0 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as the first k"}
-        rows += score_rows(labels[k], ref, names, {**base, "method": f"MAESTER (k={k})", **timing})
-    return rows + baseline_rows(image, ref, names, base)
+        rows += score_rows(labels[k], ref, names, {**base, "method": f"MAESTER (k={k})", **timing}, mask=mask,
+                           ignore=ignore)
+    return rows + baseline_rows(image, ref, names, base, mask=mask, ignore=ignore)
 
 
 def nuclei_rows(args: argparse.Namespace, work: Path, train_overrides: list[str]) -> list[dict[str, Any]]:
@@ -175,10 +198,54 @@ def nuclei_rows(args: argparse.Namespace, work: Path, train_overrides: list[str]
     return rows + baseline_rows(image, ref, NUCLEI_CLASSES, base, otsu=(2,), kmeans_k=None)
 
 
+# ------------------------------------------------------------------------------------------------ supervised
+def supervised_rows(checkpoint: Path | None, train_seed: int, shape: tuple[int, ...], args: argparse.Namespace,
+                    work: Path, extra: list[str]) -> list[dict[str, Any]]:
+    """Segmenter and ViT-decoder baselines (``--supervised`` presets) trained on the partial labels of the
+    training volume (the presets keep every other Z slice), from random init and from the MAESTER
+    ``checkpoint``; scored on every ``--seeds`` volume with their own class ids (no mapping)."""
+    from micromae.evaluate.metrics import segmentation_scores
+    from micromae.train.seg_finetune import load_seg_finetune_config, load_seg_model, predict_volume, \
+        run_seg_finetune
+
+    inits = [("random", "random")] + ([("MAESTER", str(checkpoint))] if checkpoint else [])
+    rows = []
+    for preset in args.supervised:
+        for tag, init in inits:
+            overrides = [f"init={init}", f"data.synthetic_shape=[{','.join(map(str, shape))}]",
+                         f"data.synthetic_seed={train_seed}", "data.source=synthetic"]
+            overrides += [o for o in extra if o.startswith("train.") or o.startswith("data.planes")]
+            cfg = load_seg_finetune_config(resolve_config(preset), overrides)
+            log(f"supervised {preset} from {tag}: {cfg.train.steps} steps on partial labels of seed {train_seed}")
+            with timed({}) as clock:
+                result = run_seg_finetune(cfg, work / f"{preset}_{tag}")
+            model = load_seg_model(result.checkpoint)
+            for seed in args.seeds:
+                vol = make_em_volume(shape, seed=seed)
+                image, ref = vol.image[:: args.z_step], vol.labels[:: args.z_step]
+                mask = vol.cell_mask[:: args.z_step] if args.cell_mask else None
+                ignore = ("outside",) if args.cell_mask else ()
+                with timed({}) as predict_clock:
+                    pred = predict_volume(model, image, batch_size=64)
+                scores = segmentation_scores(pred=pred, ref=ref, mask=mask, class_names=list(CLASS_NAMES),
+                                             ignore_classes=ignore)
+                role = "training, half the slices labelled" if seed == train_seed else "held out"
+                where = ", inside the cell mask" if args.cell_mask else ""
+                dice = {n: round(scores["per_class"][n]["dice"] or 0.0, 4) for n in CLASS_NAMES if n not in ignore}
+                rows.append({"bench": "segmentation_quality", "data": f"synthetic seed {seed} ({role}{where})",
+                             "shape": list(image.shape), "method": f"{preset} (supervised, init {tag}, "
+                             f"{result.step} steps)", "mapping": "none (own classes)",
+                             "mean_dice": round(scores["mean_dice"], 4), "dice": dice,
+                             "ari": round(scores["ari"], 4), "cpu_s": round(clock["cpu_s"], 1),
+                             "wall_s": round(clock["wall_s"], 1), "predict_cpu_s": round(predict_clock["cpu_s"], 1),
+                             "note": "CPU/wall seconds = training"})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ output
 def markdown(rows: list[dict[str, Any]]) -> str:
     """One table per data set: method, mapping, per-class Dice, mean Dice, CPU and wall seconds."""
-    lines = ["# Segmentation quality (per-class Dice, every voxel counted)", ""]
+    lines = ["# Segmentation quality (per-class Dice)", ""]
     for data in dict.fromkeys(r["data"] for r in rows):
         part = [r for r in rows if r["data"] == data]
         train = [r for r in part if "dice" not in r]
@@ -187,6 +254,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for r in train:
             lines.append(f"{r['method']}: {r['steps']} steps, final loss {r['final_loss']}, "
                          f"{r['cpu_s']} CPU s, {r['wall_s']} wall s.")
+        if not scored:
+            lines.append("")
+            continue
         names = list(scored[0]["dice"])
         lines += ["", "| method | mapping | " + " | ".join(names) + " | mean | CPU s | wall s |",
                   "|---|---|" + "---|" * (len(names) + 3)]
@@ -224,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[6, 8], help="k-means k for MAESTER (first = main)")
     p.add_argument("--samples", type=int, default=50_000, help="pixel embeddings k-means is fitted on")
     p.add_argument("--z-step", type=int, default=1, help="evaluate every N-th slice only (default: all)")
+    p.add_argument("--cell-mask", action="store_true",
+                   help="synthetic data: fit and score inside the cell mask only, 'outside' left out of the mean")
+    p.add_argument("--supervised", nargs="*", default=["segmenter_tiny", "vitdec_tiny"], metavar="PRESET",
+                   help="supervised baselines to train on partial labels (default segmenter_tiny vitdec_tiny; "
+                        "none: --supervised with no names)")
     p.add_argument("--nuclei", action="store_true", help="also pre-train and evaluate on the nuclei sample")
     p.add_argument("--nuclei-checkpoint", type=Path, help="a checkpoint pre-trained on sample:nuclei")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny volume, 20 steps (numbers mean nothing)")
@@ -262,6 +337,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             role = "training" if (args.checkpoint is None and seed == train_seed) else "held out"
             for row in synthetic_rows(checkpoint, seed, shape, args, work, role):
                 emit(row, rows)
+        for row in supervised_rows(checkpoint, train_seed, shape, args, work, extra):
+            emit(row, rows)
         if args.nuclei or args.nuclei_checkpoint:
             if args.quick:
                 args.z_step = 20
