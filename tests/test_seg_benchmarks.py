@@ -165,3 +165,25 @@ def test_upper_bound_reporter_marks_met_when_at_most(tmp_path, capsys):
                                                                        ("high", False, "at most")]
     path = rep.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == printed
+
+
+# ----------------------------------------------------------------------------------------------- quality
+def test_quality_benchmark_scores_every_method_per_class(tmp_path):
+    """``segmentation_quality.py --quick``: MAESTER (both mappings), intensity k-means, Otsu and a supervised
+    baseline each get a Dice per class in [0, 1] on the held-out volume, and the Markdown table is written."""
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "segmentation_quality.py"), "--quick", "--seeds", "1",
+                           "--ks", "6", "--supervised", "segmenter_tiny", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    scored = [r for r in rows if "dice" in r and "held out" in r["data"]]
+    methods = {(r["method"].split(" (")[0], r["mapping"]) for r in scored}
+    assert {("MAESTER", "hungarian"), ("MAESTER", "majority"), ("intensity k-means", "hungarian"),
+            ("Otsu", "hungarian"), ("segmenter_tiny", "none")} <= {(m, p.split(" ")[0]) for m, p in methods}
+    for r in scored:
+        assert set(r["dice"]) == {"outside", "cytoplasm", "membrane", "nucleus", "mitochondria", "granules"}
+        assert all(0.0 <= v <= 1.0 for v in r["dice"].values())
+        assert r["mean_dice"] == pytest.approx(np.mean(list(r["dice"].values())), abs=1e-3)
+    table = (tmp_path / "out" / "segmentation_quality.md").read_text()
+    assert "| MAESTER (k=6) | hungarian |" in table and "segmenter_tiny (supervised" in table
