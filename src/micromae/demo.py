@@ -17,7 +17,7 @@ from micromae.train.log import say
 
 
 def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", k: int = 6,
-             sweep: tuple[int, ...] = (4, 5, 7, 8), samples: int = 20_000, segment: bool = True,
+             sweep: tuple[int, ...] = (4, 5, 7, 8, 9, 10), samples: int = 20_000, segment: bool = True,
              overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
     """Run the demo into ``out``; returns the paths of what it wrote. ``overrides``: config key=value pairs."""
     from micromae.cli import resolve_config
