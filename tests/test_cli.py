@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
 def test_cli_finetune_segmenter_runs(tmp_path):
     run = tmp_path / "ft"
-    rc = main(["finetune", "segmenter_tiny", "model.img_size=20", "model.embed_dim=16", "model.depth=1",
+    rc = main(["finetune", "segmenter_tiny", "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1",
                "model.decoder_embed_dim=16", "model.decoder_depth=1", "data.synthetic_shape=[12,40,40]",
                "train.steps=2", "train.batch_size=4", "train.figure_every=2", "train.device=cpu",
                "--run-dir", str(run)])

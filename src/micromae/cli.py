@@ -303,11 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N optimiser steps in this invocation (for job time limits; resume later)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="train a supervised model (Segmenter / ViT decoder baselines)",
-                       description="Train a supervised segmentation baseline on (partial) labels from a YAML "
-                                   "config or preset (segmenter_tiny, vitdec_tiny, segmenter_betaseg, "
-                                   "vitdec_betaseg), with key=value overrides, e.g. `micromae finetune "
-                                   "segmenter_tiny init=runs/demo/pretrain/checkpoints/last.pt`.")
+    p = sub.add_parser("finetune", help="train a supervised model: cell classifier, Mask R-CNN, segmentation baselines",
+                       description="Fine-tune from a YAML config or preset with key=value overrides; the "
+                                   "config's task: picks the trainer. classification (classify_tiny, "
+                                   "classify_brain): cell-type classifier on class folders of crops; instances "
+                                   "(maskrcnn_tiny, maskrcnn_brain): Mask R-CNN on COCO data; segmentation "
+                                   "(segmenter_tiny, vitdec_tiny, segmenter_betaseg, vitdec_betaseg): baselines "
+                                   "on (partial) labels. e.g. `micromae finetune classify_tiny "
+                                   "init=runs/dama_tiny/checkpoints/last.pt data.root=cells/`.")
     p.add_argument("config", help="YAML config file or preset name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")

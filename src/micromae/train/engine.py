@@ -47,6 +47,11 @@ class Objective:
         """Return the scalar loss and values to log. ``module`` is ``self.model``, maybe wrapped in DDP."""
         raise NotImplementedError
 
+    def build_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The optimiser over ``self.model`` (default: AdamW with the no-decay groups of ``cfg``); fine-tuning
+        objectives override it for layer-wise lr decay."""
+        return build_optimizer(self.model, cfg)
+
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (e.g. to update an EMA teacher)."""
 
@@ -116,7 +121,7 @@ def train(
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     model = objective.model.to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = objective.build_optimizer(cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
     if resume_from is not None:
@@ -183,7 +188,7 @@ def train(
             if step % cfg.log_every == 0 or step == end:
                 now = time.perf_counter()
                 values = {k: all_reduce_mean(v, info, device) for k, v in logs_sum.items()}
-                values["lr"] = optimizer.param_groups[0]["lr"]
+                values["lr"] = max(g["lr"] for g in optimizer.param_groups)  # the top layer's
                 values["crops_per_s"] = crops * info.world_size / max(now - t_last, 1e-9)
                 if grad_norm is not None:
                     values["grad_norm"] = grad_norm
