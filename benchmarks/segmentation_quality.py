@@ -7,7 +7,7 @@ sample, all scored with :func:`micromae.evaluate.metrics.evaluate_segmentation`:
   overrides) on the synthetic volume of ``--train-seed``; ``micromae segment``'s pipeline in exact mode,
   k-means with k = ``--ks`` (the first is the main one); clusters mapped to classes by Hungarian matching
   (leftovers merged) and by majority vote.
-- **intensity k-means**: scikit-learn ``KMeans`` (k = 6) on raw voxel grey values.
+- **intensity k-means**: scikit-learn ``KMeans`` on raw voxel grey values, with the same k's as MAESTER.
 - **Otsu**: scikit-image ``threshold_otsu`` (2 classes) and ``threshold_multiotsu`` (3, 4, 5 classes),
   mapped by Hungarian matching.
 - **nuclei** (``--nuclei``): the preset pre-trained on ``sample:nuclei`` (percentile normalisation, the
@@ -107,15 +107,15 @@ def otsu_classes(image: np.ndarray, classes: int, fit_values: np.ndarray | None 
 
 
 def baseline_rows(image: np.ndarray, ref: np.ndarray, names: list[str], base: dict[str, Any],
-                  otsu: tuple[int, ...] = (2, 3, 4, 5), kmeans_k: int | None = 6,
+                  otsu: tuple[int, ...] = (2, 3, 4, 5), kmeans_k: tuple[int, ...] = (6,),
                   mask: np.ndarray | None = None, ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Intensity k-means (both mappings) and Otsu / multi-Otsu (Hungarian) rows; fitted inside ``mask``."""
     rows = []
     inside = image if mask is None else image[mask]
-    if kmeans_k:
+    for k in kmeans_k:
         with timed({}) as clock:
-            pred = intensity_kmeans(image, kmeans_k, fit_values=inside)
-        rows += score_rows(pred, ref, names, {**base, "method": f"intensity k-means (k={kmeans_k})", **clock},
+            pred = intensity_kmeans(image, k, fit_values=inside)
+        rows += score_rows(pred, ref, names, {**base, "method": f"intensity k-means (k={k})", **clock},
                            mask=mask, ignore=ignore)
     for classes in otsu:
         with timed({}) as clock:
@@ -173,7 +173,7 @@ def synthetic_rows(checkpoint: Path, seed: int, shape: tuple[int, int, int], arg
         timing = clock if i == 0 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as the first k"}
         rows += score_rows(labels[k], ref, names, {**base, "method": f"MAESTER (k={k})", **timing}, mask=mask,
                            ignore=ignore)
-    return rows + baseline_rows(image, ref, names, base, mask=mask, ignore=ignore)
+    return rows + baseline_rows(image, ref, names, base, kmeans_k=tuple(args.ks), mask=mask, ignore=ignore)
 
 
 def nuclei_rows(args: argparse.Namespace, work: Path, train_overrides: list[str]) -> list[dict[str, Any]]:
@@ -195,7 +195,7 @@ def nuclei_rows(args: argparse.Namespace, work: Path, train_overrides: list[str]
     for k in (2, 3, 4):
         timing = clock if k == 4 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as k=4"}
         rows += score_rows(labels[k], ref, NUCLEI_CLASSES, {**base, "method": f"MAESTER (k={k})", **timing})
-    return rows + baseline_rows(image, ref, NUCLEI_CLASSES, base, otsu=(2,), kmeans_k=None)
+    return rows + baseline_rows(image, ref, NUCLEI_CLASSES, base, otsu=(2,), kmeans_k=())
 
 
 # ------------------------------------------------------------------------------------------------ supervised
