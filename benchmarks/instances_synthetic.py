@@ -1,0 +1,124 @@
+"""Mask R-CNN with the ViT backbone on synthetic multiplex images: random init vs a DAMA-pre-trained encoder.
+
+1. Data: the ``maskrcnn_tiny`` preset's training set (8 synthetic 7-channel images of 256×256, seed 0, about
+   33 cells each, written by the trainer into the run folder) and a held-out test set written the same way
+   with seed 1000 (``--test-images`` images).
+2. Pre-training (for the second arm): ``dama_tiny`` (student1-student2, 32×32 crops, ``--pretrain-steps``
+   steps) on its own synthetic images (16 images, seed 0), then branch 1's encoder.
+3. Fine-tuning: ``maskrcnn_tiny`` as shipped (64-px crops, LSJ 0.5-1.5, AdamW, layer decay 0.7,
+   ``--steps`` steps, batch 4, seed 0), once from random init and once from the pre-trained encoder.
+4. Evaluation: ``run_evaluate_instances`` on the test images (whole 256×256 images predicted as 64-px tiles,
+   the preset's ``inference: tiles``; and once in one pass, ``inference=whole``, for the random-init run).
+
+Figures (JSON lines, also ``<out>/instances_synthetic.jsonl``): ``box_mAP``, ``box_mAP50``, ``box_mAP75``,
+``mask_mAP``, ``mask_mAP50``, ``mask_mAP75`` per arm and inference mode, and ``cpu_s`` per stage; the table
+is ``<out>/instances_synthetic.md``.
+
+    OMP_NUM_THREADS=1 python benchmarks/instances_synthetic.py [--quick] [--steps N] [--pretrain-steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
+from micromae.cli import resolve_config
+from micromae.config import PretrainConfig, load_config
+from micromae.data.synthetic_mif import write_mif_dataset
+from micromae.evaluate.coco import run_evaluate_instances
+from micromae.evaluate.report import markdown_table
+from micromae.io import atomic_path
+from micromae.train.maskrcnn import load_maskrcnn_config, run_maskrcnn_finetune
+from micromae.train.pretrain import run_pretrain
+
+QUICK_DATA = ["data.n_images=2", "data.synthetic_shape=[64,64]", "train.batch_size=2"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 steps, tiny images (for tests; figures mean nothing)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--steps", type=int, default=300, help="Mask R-CNN fine-tuning steps (default 300)")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="dama_tiny steps (default 300)")
+    parser.add_argument("--test-images", type=int, default=4, help="held-out 256×256 test images (default 4)")
+    return parser.parse_args(argv)
+
+
+def timed(fn, *args, **kwargs):
+    cpu, wall = own_cpu_seconds(), time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, own_cpu_seconds() - cpu, time.perf_counter() - wall
+
+
+def token_variance(checkpoint: Path | None, coco: Path) -> float:
+    """How much the encoder's patch tokens depend on the image: the variance across 8 test crops (32×32, the
+    pre-training size) of each token, averaged over tokens and channels (tokens have unit total variance)."""
+    from micromae.data.coco import CocoInstanceDataset, instance_batches
+    from micromae.models import ViTEncoder
+    from micromae.train.checkpoint import load_pretrained_encoder
+
+    torch.manual_seed(0)
+    encoder = (ViTEncoder(img_size=32, patch_size=4, in_chans=7, embed_dim=64, depth=4, num_heads=4,
+                          pos_embed_weight=1.0) if checkpoint is None else load_pretrained_encoder(checkpoint)[0])
+    crops = next(instance_batches(CocoInstanceDataset(coco, crop_size=32, scale_range=None), 8, seed=0))[1][0]
+    with torch.no_grad():
+        return float(encoder.eval()(crops)[:, 1:].var(0).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    rep = Reporter("instances_synthetic", args.out, device, args.quick)
+    steps, pre_steps = (2, 2) if args.quick else (args.steps, args.pretrain_steps)
+    common = [f"train.device={device.type}", "train.figure_every=0", "train.ckpt_every=0"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shape = (64, 64) if args.quick else (256, 256)
+        test = write_mif_dataset(tmp / "test", n_images=1 if args.quick else args.test_images, shape=shape,
+                                 seed=1000)["annotations"]
+        pre_cfg = load_config(resolve_config("dama_tiny"), PretrainConfig, common + [f"train.steps={pre_steps}"]
+                              + (["data.n_images=2", "data.synthetic_shape=[64,64]", "train.batch_size=2"]
+                                 if args.quick else []))
+        log(f"pre-training dama_tiny for {pre_steps} steps")
+        pre, cpu, wall = timed(run_pretrain, pre_cfg, tmp / "dama")
+        rep.emit("cpu_s", cpu, "s", None, stage="pretrain dama_tiny", steps=pre_steps, wall_s=wall)
+        for name, encoder in (("random init", None), ("DAMA (dama_tiny, branch 1)", pre.checkpoint)):
+            rep.emit("token_var_across_images", token_variance(encoder, test), "1", None, encoder=name)
+        arms = {"random init": ["init=random"], "DAMA (dama_tiny, branch 1)": [f"init={pre.checkpoint}"],
+                "DAMA, layer_decay 1.0": [f"init={pre.checkpoint}", "layer_decay=1.0"]}
+        for arm, init in arms.items():
+            cfg = load_maskrcnn_config(resolve_config("maskrcnn_tiny"), common + init + [f"train.steps={steps}"]
+                                       + (QUICK_DATA if args.quick else []))
+            log(f"fine-tuning maskrcnn_tiny ({arm}) for {steps} steps")
+            torch.manual_seed(0)
+            result, cpu, wall = timed(run_maskrcnn_finetune, cfg, tmp / f"run_{len(rows)}")
+            rep.emit("cpu_s", cpu, "s", None, stage=f"finetune {arm}", steps=steps, wall_s=wall)
+            modes = ("tiles", "whole") if arm == "random init" else ("tiles",)
+            for mode in modes:
+                metrics, cpu, wall = timed(run_evaluate_instances, test, tmp / f"eval_{len(rows)}",
+                                           checkpoint=result.checkpoint, device=device.type, inference=mode)
+                rep.emit("cpu_s", cpu, "s", None, stage=f"evaluate {arm} ({mode})", wall_s=wall)
+                for iou_type, name in (("bbox", "box"), ("segm", "mask")):
+                    for key in ("mAP", "mAP50", "mAP75"):
+                        rep.emit(f"{name}_{key}", metrics[iou_type][key], "AP", None, init=arm,
+                                 inference=mode, steps=steps)
+                rows.append([arm, mode] + [metrics[t][k] for t in ("bbox", "segm") for k in ("mAP", "mAP50", "mAP75")])
+    rep.close()
+    table = markdown_table(rows, ["encoder", "inference", "box mAP", "box AP50", "box AP75", "mask mAP",
+                                  "mask AP50", "mask AP75"])
+    with atomic_path(args.out / "instances_synthetic.md", overwrite=True) as path:
+        path.write_text(table + "\n")
+    print(table, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
