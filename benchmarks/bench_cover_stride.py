@@ -188,7 +188,7 @@ def tiny_config(plan: Plan, device: torch.device) -> Any:
     from micromae.config import PretrainConfig, load_config
 
     z, y, x = plan.tiny_volume
-    overrides = [f"name=maester_tiny_fov60", "model.img_size=60", f"train.steps={plan.tiny_steps}",
+    overrides = [f"name=maester_tiny_fov60", "model.img_size=60", "model.patch_size=5", f"train.steps={plan.tiny_steps}",
                  f"train.batch_size={plan.tiny_batch}", f"data.synthetic_shape=[{z},{y},{x}]",
                  f"data.planes=[{','.join(plan.tiny_planes)}]", f"train.device={device.type}",
                  "train.figure_every=0", "train.ckpt_every=0", "train.log_every=50"]

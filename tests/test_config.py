@@ -68,15 +68,26 @@ def test_paper_preset_has_the_papers_numbers():
 
 
 def test_every_preset_loads():
+    from micromae.cli import finetune_task
+    from micromae.train.classify import ClassifyConfig, load_classify_config
+    from micromae.train.maskrcnn import MaskRCNNConfig, load_maskrcnn_config
     from micromae.train.seg_finetune import SegFinetuneConfig, load_seg_finetune_config
 
     presets = list_presets()
-    assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg", "dama_brain", "dama_tiny"} <= set(presets)
+    assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg", "dama_brain", "dama_tiny",
+            "classify_tiny", "classify_brain", "maskrcnn_tiny", "maskrcnn_brain"} <= set(presets)
+    loaders = {"segmentation": (load_seg_finetune_config, SegFinetuneConfig),
+               "classification": (load_classify_config, ClassifyConfig),
+               "instances": (load_maskrcnn_config, MaskRCNNConfig)}
     for name in presets:
+        path = resolve_config(name)
         if name.startswith(("maester", "dama")):
-            assert isinstance(load_config(resolve_config(name)), PretrainConfig)
+            assert isinstance(load_config(path), PretrainConfig)
         else:
-            assert isinstance(load_seg_finetune_config(resolve_config(name)), SegFinetuneConfig)
+            load, cls = loaders[finetune_task(path)]
+            needs = ["data.annotations=train.json"] if name == "maskrcnn_brain" else []  # its data: the user's
+            cfg = load(path, needs)
+            assert isinstance(cfg, cls) and cfg.name == name
 
 
 def test_config_keys_are_dotted_and_complete():
