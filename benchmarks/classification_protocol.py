@@ -17,7 +17,14 @@ random init vs encoders pre-trained with DAMA and with MAE.
    the CPU seconds of each phase (``cpu_s``); ``<out>/classification_protocol.md`` (table) and
    ``<out>/classification_protocol/{probes,finetune}/`` (the protocol's own results.md / PNG per part).
 
+5. Intensities: ``--normalize dtype`` (default, uint16 / 65535) or ``percentile`` (per image and channel,
+   ``--percentiles`` to [0, 1]) in pre-training (whole images) and for the labelled crops (per crop file: the
+   loader reads the crop files). Results of other modes than dtype go to ``*_<mode>`` names.
+   ``--crop-normalize`` scales the crops otherwise than the pre-training images. ``--skip-finetune`` runs
+   the probes only.
+
     OMP_NUM_THREADS=1 python benchmarks/classification_protocol.py [--quick] [--out DIR] [--pretrain-steps N]
+        [--normalize dtype|percentile] [--percentiles LOW HIGH] [--crop-normalize MODE] [--skip-finetune]
 """
 
 from __future__ import annotations
@@ -56,8 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-folds", type=int, default=5, help="splits for the probes (default 5)")
     p.add_argument("--finetune-folds", type=int, default=3, help="splits for fine-tuning (default 3)")
     p.add_argument("--finetune-steps", type=int, default=None, help="override FINETUNE's steps")
+    p.add_argument("--normalize", default="dtype", choices=("dtype", "percentile", "minmax"),
+                   help="intensity scaling in pre-training and of the crops (default dtype)")
+    p.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.8], help="for --normalize percentile")
+    p.add_argument("--crop-normalize", default=None, choices=("dtype", "percentile", "minmax"),
+                   help="scaling of the labelled crops (default: --normalize)")
+    p.add_argument("--skip-finetune", action="store_true", help="probes only")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep pre-training runs and crops here")
     return p.parse_args(argv)
+
+
+def normalize_overrides(args: argparse.Namespace, crops: bool = False) -> list[str]:
+    """``data.normalize`` / ``data.percentiles`` overrides (the same keys in dama_tiny and classify_tiny);
+    ``crops``: for the labelled crops (``--crop-normalize`` if given)."""
+    mode = (args.crop_normalize or args.normalize) if crops else args.normalize
+    return [f"data.normalize={mode}", f"data.percentiles=[{args.percentiles[0]},{args.percentiles[1]}]"]
 
 
 def pretrain(rep: Reporter, args: argparse.Namespace, root: Path, device: torch.device) -> dict[str, str]:
@@ -65,8 +85,8 @@ def pretrain(rep: Reporter, args: argparse.Namespace, root: Path, device: torch.
     checkpoints: dict[str, str] = {}
     for name, overrides in PRETRAIN.items():
         extra = QUICK_PRETRAIN if args.quick else [f"train.steps={args.pretrain_steps}"]
-        cfg = load_config(resolve_config("dama_tiny"), PretrainConfig, overrides + extra + [
-            "train.figure_every=0", "train.ckpt_every=0", f"train.device={device.type}"])
+        cfg = load_config(resolve_config("dama_tiny"), PretrainConfig, overrides + extra + normalize_overrides(args)
+                          + ["train.figure_every=0", "train.ckpt_every=0", f"train.device={device.type}"])
         run_dir = root / "pretrain" / name
         if (run_dir / "checkpoints" / "last.pt").is_file():  # kept from an earlier call (--keep-runs)
             checkpoints[name] = str(run_dir / "checkpoints" / "last.pt")
@@ -111,7 +131,10 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    rep = Reporter("classification_protocol", args.out, device, args.quick)
+    suffix = "" if args.normalize == "dtype" else f"_{args.normalize}"  # keeps the dtype results
+    if args.crop_normalize not in (None, args.normalize):
+        suffix += f"_crops_{args.crop_normalize}"
+    rep = Reporter(f"classification_protocol{suffix}", args.out, device, args.quick)
     frac = [float(x) for x in args.fractions.split(",")]
     ft_frac = [float(x) for x in args.finetune_fractions.split(",")]
     finetune = FINETUNE + ([f"train.steps={args.finetune_steps}"] if args.finetune_steps else [])
@@ -124,19 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "cells").is_dir():
             n = 2 if args.quick else args.images
             write_mif_dataset(data, n_images=n, shape=(256, 256), seed=HELD_OUT_SEED, crop_size=32)
-        results = args.out / "classification_protocol"
+        results = args.out / f"classification_protocol{suffix}"
         if args.quick:
             results = root / "results"
         common = dict(config="classify_tiny", device=device.type)
         rows = run_part(rep, "probes", checkpoints, data / "cells", results / "probes", methods=("knn", "linear"),
-                        folds=2 if args.quick else args.probe_folds, fractions=frac, probe_epochs=100, **common)
-        rows += run_part(rep, "finetune", checkpoints, data / "cells", results / "finetune", methods=("finetune",),
-                         folds=1 if args.quick else args.finetune_folds, fractions=ft_frac, overrides=finetune,
-                         **common)
+                        folds=2 if args.quick else args.probe_folds, fractions=frac, probe_epochs=100,
+                        overrides=normalize_overrides(args, crops=True), **common)
+        if not args.skip_finetune:
+            rows += run_part(rep, "finetune", checkpoints, data / "cells", results / "finetune", methods=("finetune",),
+                             folds=1 if args.quick else args.finetune_folds, fractions=ft_frac,
+                             overrides=finetune + normalize_overrides(args, crops=True), **common)
     text = table(rows)
     log("\n" + text)
     rep.close()
-    path = args.out / "classification_protocol.md"
+    path = args.out / f"classification_protocol{suffix}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

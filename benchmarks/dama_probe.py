@@ -5,19 +5,25 @@
    only the objective: DAMA (``student1-student2``), DAMA-ema, MAE and data2vec (mask ratio 0.8 and K = 2 of
    the preset for all). Each run's CPU time (this process, all threads) and wall time are reported.
 2. Probe data: fresh synthetic images (seed 1000, never seen in pre-training), one square crop centred on every
-   cell (``extract_cell_crops``), scaled to [0, 1] as in training, resized to the model's 32×32. Two crop
-   sides: 16 pixels (resized ×2: the scale pre-training saw, whose augmentation cuts 0.5 × 32 = 16-pixel
-   crops and resizes them to 32) and 32 pixels (the native scale, more context).
+   cell (``extract_cell_crops``), scaled to [0, 1] as in training (``--normalize dtype``: uint16 / 65535;
+   ``percentile``: each whole image per channel, ``--percentiles`` to [0, 1], before cutting), resized to the
+   model's 32×32 (``--crop-level``: each cut crop scaled on its own instead, as a loader of crop files
+   does). Two crop sides: 16 pixels (resized ×2: the scale pre-training saw, whose augmentation cuts
+   0.5 × 32 = 16-pixel crops and resizes them to 32) and 32 pixels (the native scale, more context).
 3. Features: the frozen encoder (branch 1 for DAMA) on all patches, the patch tokens after the final norm,
    averaged (global average pool); plus two references: the random-init encoder (built as the runs build
    theirs, seed 0) and the raw per-channel mean intensity of the crop (7 numbers).
 4. Linear probe: standardised features, ``sklearn`` ``LogisticRegression``, 60/40 stratified splits over
    ``--seeds`` seeds (the same splits for every feature set); mean ± std accuracy over the splits.
 
-Figures (JSON lines, also ``<out>/dama_probe.jsonl``): ``pretrain_cpu_s`` per method and ``probe_accuracy``
-per feature set and crop side; ``<out>/dama_probe.md`` holds the table.
+Figures (JSON lines, also ``<out>/dama_probe.jsonl``): ``pretrain_cpu_s`` per method, ``probe_accuracy``
+per feature set and crop side, and with ``--token-variance`` ``token_var_across_crops`` per encoder (variance
+of each patch token across the held-out crops, averaged over tokens and channels); ``<out>/dama_probe.md``
+holds the table. With ``--normalize`` other than dtype the files are named ``dama_probe_<mode>[_crop].*``.
 
     python benchmarks/dama_probe.py [--quick] [--device auto|cpu|cuda] [--out DIR] [--steps N] [--seeds N]
+        [--normalize dtype|percentile] [--percentiles LOW HIGH] [--crop-level] [--methods DAMA,MAE]
+        [--token-variance]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
 from micromae.cli import resolve_config
 from micromae.config import PretrainConfig, load_config
-from micromae.data.multichannel import scale_to_unit
+from micromae.data.channel_norm import normalize_channels
 from micromae.data.synthetic_mif import CELL_TYPES, extract_cell_crops, make_mif_image
 from micromae.models import ViTEncoder
 from micromae.train.checkpoint import load_pretrained_encoder
@@ -65,13 +71,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="probe splits (default: 5; --quick: 2)")
     parser.add_argument("--held-out-images", type=int, default=None,
                         help="fresh 256x256 images cut into cell crops (default: 30; --quick: 2)")
+    parser.add_argument("--normalize", default="dtype", choices=("dtype", "percentile", "minmax"),
+                        help="intensity scaling in pre-training and of the probe images (default dtype)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.8], help="for --normalize percentile")
+    parser.add_argument("--token-variance", action="store_true",
+                        help="also emit token_var_across_crops per encoder and crop side")
+    parser.add_argument("--crop-level", action="store_true",
+                        help="scale each probe crop on its own (not the whole image before cutting)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"pre-training methods (default {','.join(METHODS)})")
     parser.add_argument("--keep-runs", type=Path, default=None, help="keep the run folders here (default: temp)")
     return parser.parse_args(argv)
 
 
 def method_config(method: str, args: argparse.Namespace, device: torch.device) -> PretrainConfig:
     """``dama_tiny`` with the method's objective; no figures, one checkpoint at the end."""
-    overrides = METHODS[method] + ["train.figure_every=0", "train.ckpt_every=0", f"train.device={device.type}"]
+    overrides = METHODS[method] + ["train.figure_every=0", "train.ckpt_every=0", f"train.device={device.type}",
+                                   f"data.normalize={args.normalize}",
+                                   f"data.percentiles=[{args.percentiles[0]},{args.percentiles[1]}]"]
     if args.quick:
         overrides += QUICK + ["train.steps=2"]
     if args.steps is not None:
@@ -92,16 +109,22 @@ def pretrain(rep: Reporter, method: str, cfg: PretrainConfig, run_dir: Path) -> 
 
 
 def held_out_crops(n_images: int, shape: tuple[int, int], sides: list[int], img_size: int,
-                   n_cells: int | None) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+                   n_cells: int | None, normalize: str = "dtype", percentiles: tuple[float, float] = (0.5, 99.8),
+                   crop_level: bool = False) -> tuple[dict[int, torch.Tensor], np.ndarray]:
     """Crops of every cell of ``n_images`` fresh images: ``{side: (N, C, img_size, img_size) float32}`` in
-    [0, 1], and the labels ``(N,)`` (indexes of ``CELL_TYPES``)."""
+    [0, 1] (each whole image scaled by ``normalize`` before cutting; ``crop_level``: each crop after), and the
+    labels ``(N,)`` (indexes of ``CELL_TYPES``)."""
     crops: dict[int, list[torch.Tensor]] = {s: [] for s in sides}
     labels = []
     for i in range(n_images):
         mif = make_mif_image(shape, seed=[HELD_OUT_SEED, i], n_cells=n_cells)
+        if not crop_level:
+            mif.image = normalize_channels(mif.image, normalize, percentiles)
         for side in sides:
             cut, lab, _ = extract_cell_crops(mif, side)
-            x = torch.from_numpy(scale_to_unit(cut))
+            if crop_level:
+                cut = np.stack([normalize_channels(c, normalize, percentiles) for c in cut])
+            x = torch.from_numpy(cut)
             if side != img_size:
                 x = TF.resize(x, [img_size, img_size], interpolation=TF.InterpolationMode.BILINEAR,
                               antialias=side > img_size)
@@ -116,6 +139,13 @@ def pooled_features(encoder: ViTEncoder, imgs: torch.Tensor, batch: int = 256) -
     encoder.eval()
     out = [encoder(imgs[i:i + batch])[:, 1:].mean(dim=1) for i in range(0, len(imgs), batch)]
     return torch.cat(out).float().numpy()
+
+
+@torch.inference_mode()
+def token_variance(encoder: ViTEncoder, imgs: torch.Tensor, n: int = 256) -> float:
+    """Variance of each patch token (after the final norm) across the first ``n`` crops, averaged over tokens
+    and channels: how much the encoder's output depends on the image."""
+    return float(encoder.eval()(imgs[:n])[:, 1:].var(0).mean())
 
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, seeds: int) -> list[float]:
@@ -170,13 +200,16 @@ def pretrained_encoders(rep: Reporter, cfgs: dict[str, PretrainConfig], keep: Pa
 
 
 def probe_all(rep: Reporter, encoders: dict[str, ViTEncoder], crops: dict[int, torch.Tensor], labels: np.ndarray,
-              seeds: int) -> list[dict]:
-    """Emit ``probe_accuracy`` for every encoder and the raw channel means, per crop side; return the lines."""
+              seeds: int, token_var: bool = False) -> list[dict]:
+    """Emit ``probe_accuracy`` for every encoder and the raw channel means, per crop side (and
+    ``token_var_across_crops`` per encoder with ``token_var``); return the lines."""
     counts = {CELL_TYPES[k]: int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     log(f"probe: {len(labels)} cells {counts}, crop sides {list(crops)}, {seeds} splits")
     rows = []
     for side, imgs in crops.items():
         sets = {m: pooled_features(e, imgs) for m, e in encoders.items()}
+        for m, e in encoders.items() if token_var else ():
+            rep.emit("token_var_across_crops", token_variance(e, imgs), "1", None, method=m, crop=side)
         sets["raw channel means"] = imgs.mean(dim=(2, 3)).numpy()
         for name, feats in sets.items():
             acc = linear_probe(feats, labels, seeds)
@@ -190,21 +223,24 @@ def probe_all(rep: Reporter, encoders: dict[str, ViTEncoder], crops: dict[int, t
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    rep = Reporter("dama_probe", args.out, device, args.quick)
-    cfgs = {m: method_config(m, args, device) for m in METHODS}
+    suffix = ("" if args.normalize == "dtype" else f"_{args.normalize}") + ("_crop" if args.crop_level else "")
+    rep = Reporter(f"dama_probe{suffix}", args.out, device, args.quick)
+    cfgs = {m: method_config(m, args, device) for m in args.methods.split(",")}
     encoders = pretrained_encoders(rep, cfgs, args.keep_runs)
-    base = cfgs["MAE"]
+    base = next(iter(cfgs.values()))
     img_size = base.model.img_size
     sides = [round(base.data.crop_scale * img_size), img_size]
     shape = (128, 128) if args.quick else tuple(base.data.synthetic_shape[-2:])
     n_images = args.held_out_images or (2 if args.quick else 30)
-    crops, labels = held_out_crops(n_images, shape, sides, img_size, n_cells=12 if args.quick else None)
-    rows = probe_all(rep, encoders, crops, labels, args.seeds or (2 if args.quick else 5))
+    crops, labels = held_out_crops(n_images, shape, sides, img_size, n_cells=12 if args.quick else None,
+                                   normalize=args.normalize, percentiles=tuple(args.percentiles),
+                                   crop_level=args.crop_level)
+    rows = probe_all(rep, encoders, crops, labels, args.seeds or (2 if args.quick else 5), args.token_variance)
     cpu = {line["method"]: line for line in rep.lines if line["figure"] == "pretrain_cpu_s"}
     table = markdown_table(rows, sides, img_size, cpu)
     log("\n" + table)
     rep.close()
-    write_text_atomic(args.out / "dama_probe.md", table)
+    write_text_atomic(args.out / f"dama_probe{suffix}.md", table)
     return 0
 
 

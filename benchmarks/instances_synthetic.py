@@ -9,12 +9,17 @@
    ``--steps`` steps, batch 4, seed 0), once from random init and once from the pre-trained encoder.
 4. Evaluation: ``run_evaluate_instances`` on the test images (whole 256×256 images predicted as 64-px tiles,
    the preset's ``inference: tiles``; and once in one pass, ``inference=whole``, for the random-init run).
+5. Intensities: ``--normalize dtype`` (default; uint16 divided by 65535) or ``percentile`` (per image and
+   channel, ``--percentiles`` to [0, 1]) for pre-training, fine-tuning, the token-variance crops and evaluation
+   alike (the fine-tuned checkpoint carries the choice). ``--arms`` picks the fine-tuning runs (default: all
+   four: random init and DAMA init, each with layer decay 0.7 and 1.0).
 
 Figures (JSON lines, also ``<out>/instances_synthetic.jsonl``): ``box_mAP``, ``box_mAP50``, ``box_mAP75``,
 ``mask_mAP``, ``mask_mAP50``, ``mask_mAP75`` per arm and inference mode, and ``cpu_s`` per stage; the table
 is ``<out>/instances_synthetic.md``.
 
     OMP_NUM_THREADS=1 python benchmarks/instances_synthetic.py [--quick] [--steps N] [--pretrain-steps N]
+        [--normalize dtype|percentile] [--percentiles LOW HIGH] [--arms random,dama,random_ld1,dama_ld1]
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="Mask R-CNN fine-tuning steps (default 300)")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="dama_tiny steps (default 300)")
     parser.add_argument("--test-images", type=int, default=4, help="held-out 256×256 test images (default 4)")
+    parser.add_argument("--normalize", default="dtype", choices=("dtype", "percentile", "minmax"),
+                        help="intensity scaling of every stage (default dtype)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.8], help="for --normalize percentile")
+    parser.add_argument("--arms", default="random,dama,random_ld1,dama_ld1",
+                        help="fine-tuning runs: random, dama (layer decay 0.7), random_ld1, dama_ld1 (1.0)")
     return parser.parse_args(argv)
 
 
@@ -57,7 +67,8 @@ def timed(fn, *args, **kwargs):
     return out, own_cpu_seconds() - cpu, time.perf_counter() - wall
 
 
-def token_variance(checkpoint: Path | None, coco: Path) -> float:
+def token_variance(checkpoint: Path | None, coco: Path, normalize: str = "dtype",
+                   percentiles: tuple[float, float] = (0.5, 99.8)) -> float:
     """How much the encoder's patch tokens depend on the image: the variance across 8 test crops (32×32, the
     pre-training size) of each token, averaged over tokens and channels (tokens have unit total variance)."""
     from micromae.data.coco import CocoInstanceDataset, instance_batches
@@ -67,7 +78,8 @@ def token_variance(checkpoint: Path | None, coco: Path) -> float:
     torch.manual_seed(0)
     encoder = (ViTEncoder(img_size=32, patch_size=4, in_chans=7, embed_dim=64, depth=4, num_heads=4,
                           pos_embed_weight=1.0) if checkpoint is None else load_pretrained_encoder(checkpoint)[0])
-    crops = next(instance_batches(CocoInstanceDataset(coco, crop_size=32, scale_range=None), 8, seed=0))[1][0]
+    data = CocoInstanceDataset(coco, crop_size=32, scale_range=None, normalize=normalize, percentiles=percentiles)
+    crops = next(instance_batches(data, 8, seed=0))[1][0]
     with torch.no_grad():
         return float(encoder.eval()(crops)[:, 1:].var(0).mean())
 
@@ -75,9 +87,12 @@ def token_variance(checkpoint: Path | None, coco: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    rep = Reporter("instances_synthetic", args.out, device, args.quick)
+    suffix = "" if args.normalize == "dtype" else f"_{args.normalize}"  # keeps the dtype results
+    rep = Reporter(f"instances_synthetic{suffix}", args.out, device, args.quick)
     steps, pre_steps = (2, 2) if args.quick else (args.steps, args.pretrain_steps)
-    common = [f"train.device={device.type}", "train.figure_every=0", "train.ckpt_every=0"]
+    common = [f"train.device={device.type}", "train.figure_every=0", "train.ckpt_every=0",
+              f"data.normalize={args.normalize}", f"data.percentiles=[{args.percentiles[0]},{args.percentiles[1]}]"]
+    norm = {"normalize": args.normalize, "percentiles": tuple(args.percentiles)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         pre, cpu, wall = timed(run_pretrain, pre_cfg, tmp / "dama")
         rep.emit("cpu_s", cpu, "s", None, stage="pretrain dama_tiny", steps=pre_steps, wall_s=wall)
         for name, encoder in (("random init", None), ("DAMA (dama_tiny, branch 1)", pre.checkpoint)):
-            rep.emit("token_var_across_images", token_variance(encoder, test), "1", None, encoder=name)
-        arms = {"random init": ["init=random"], "DAMA (dama_tiny, branch 1)": [f"init={pre.checkpoint}"],
-                "DAMA, layer_decay 1.0": [f"init={pre.checkpoint}", "layer_decay=1.0"]}
-        for arm, init in arms.items():
+            rep.emit("token_var_across_images", token_variance(encoder, test, **norm), "1", None, encoder=name,
+                     normalize=args.normalize)
+        arms = {"random init": ("random", ["init=random"]),
+                "DAMA (dama_tiny, branch 1)": ("dama", [f"init={pre.checkpoint}"]),
+                "random init, layer_decay 1.0": ("random_ld1", ["init=random", "layer_decay=1.0"]),
+                "DAMA, layer_decay 1.0": ("dama_ld1", [f"init={pre.checkpoint}", "layer_decay=1.0"])}
+        chosen = set(args.arms.split(","))
+        for arm, (key, init) in arms.items():
+            if key not in chosen:
+                continue
             cfg = load_maskrcnn_config(resolve_config("maskrcnn_tiny"), common + init + [f"train.steps={steps}"]
                                        + (QUICK_DATA if args.quick else []))
             log(f"fine-tuning maskrcnn_tiny ({arm}) for {steps} steps")
@@ -109,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 for iou_type, name in (("bbox", "box"), ("segm", "mask")):
                     for key in ("mAP", "mAP50", "mAP75"):
                         rep.emit(f"{name}_{key}", metrics[iou_type][key], "AP", None, init=arm,
-                                 inference=mode, steps=steps)
+                                 inference=mode, steps=steps, normalize=args.normalize)
                 rows.append([arm, mode] + [metrics[t][k] for t in ("bbox", "segm") for k in ("mAP", "mAP50", "mAP75")])
     rep.close()
     table = markdown_table(rows, ["encoder", "inference", "box mAP", "box AP50", "box AP75", "mask mAP",
                                   "mask AP50", "mask AP75"])
-    with atomic_path(args.out / "instances_synthetic.md", overwrite=True) as path:
+    with atomic_path(args.out / f"instances_synthetic{suffix}.md", overwrite=True) as path:
         path.write_text(table + "\n")
     print(table, file=sys.stderr)
     return 0

@@ -13,8 +13,8 @@ from micromae.data.multichannel import (
     DamaAugment,
     MultiChannelImageFolder,
     make_mif_loader,
-    scale_to_unit,
 )
+from micromae.data.channel_norm import scale_to_unit
 from micromae.data.synthetic_mif import CELL_TYPES, CHANNELS, extract_cell_crops, make_mif_image, write_mif_dataset
 from micromae.errors import MicromaeInputError
 

@@ -143,7 +143,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dama.masking": ("adaptive", "random_overlap"),
     "dama.pairing": ("position", "index"),
     "data.pad_mode": ("constant", "reflect"),
-    "data.normalize": ("dtype", "minmax", "percentile"),
+    "data.normalize": ("dtype", "minmax", "percentile", "channel_stats"),  # channel_stats: multi-channel folders only
     "train.schedule": ("constant", "cosine"),
     "train.amp": ("auto", "bf16", "off"),
 }

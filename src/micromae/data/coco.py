@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
-from micromae.data.multichannel import _file_axes, scale_to_unit
+from micromae.data.channel_norm import (DEFAULT_PERCENTILES, channel_ranges, check_normalize,
+                                        dataset_channel_ranges, normalize_channels)
+from micromae.data.multichannel import _file_axes
 from micromae.errors import input_error
 from micromae.io import open_volume
 
@@ -135,12 +137,18 @@ class CocoInstanceDataset(Dataset):
         crop_size: side of the training samples.
         scale_range: LSJ scale range ``(low, high)``; None: no jitter.
         flip: random horizontal and vertical flips.
+        normalize, percentiles: how each whole image is scaled to [0, 1] before any crop (``dtype``,
+            ``percentile``, ``minmax`` or ``channel_stats``: one range per channel for all the images;
+            :func:`~micromae.data.multichannel.normalize_channels`).
     ``dataset[i]`` is image ``i`` whole: ``(image (C, H, W) float32, target)`` with ``image_id`` in the target.
     """
 
     def __init__(self, annotation_file: str | Path, image_root: str | Path | None = None, axes: str | None = None,
                  in_chans: int | None = None, crop_size: int = 128,
-                 scale_range: Sequence[float] | None = (0.1, 2.0), flip: bool = True) -> None:
+                 scale_range: Sequence[float] | None = (0.1, 2.0), flip: bool = True, normalize: str = "dtype",
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
+        self.normalize, self.percentiles = normalize, check_normalize(normalize, percentiles)
+        self._ranges: dict[Any, np.ndarray] = {}  # per-image (lo, hi), or "all" for channel_stats; computed once
         self.annotation_file = Path(annotation_file)
         data = read_coco_json(self.annotation_file)
         self.root = Path(image_root) if image_root is not None else self.annotation_file.parent
@@ -187,12 +195,23 @@ class CocoInstanceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def read_image(self, index: int) -> torch.Tensor:
-        """Image ``index`` as float32 ``(C, H, W)`` in [0, 1]."""
+    def read_raw(self, index: int) -> np.ndarray:
+        """Image ``index`` as stored, ``(C, H, W)``."""
         with open_volume(self.files[index], axes=self._axes[index], check=False) as volume:
             array = volume.read()
-        array = array[None] if array.ndim == 2 else array
-        return torch.from_numpy(scale_to_unit(np.ascontiguousarray(array)))
+        return np.ascontiguousarray(array[None] if array.ndim == 2 else array)
+
+    def read_image(self, index: int) -> torch.Tensor:
+        """Image ``index`` whole as float32 ``(C, H, W)`` in [0, 1] (``normalize``; ranges computed once)."""
+        array = self.read_raw(index)
+        if self.normalize == "channel_stats":
+            if "all" not in self._ranges:
+                files = np.random.default_rng(0).permutation(len(self))[:256]
+                self._ranges["all"] = dataset_channel_ranges((self.read_raw(int(i)) for i in files), self.percentiles)
+            index = "all"
+        elif self.normalize != "dtype" and index not in self._ranges:
+            self._ranges[index] = channel_ranges(array, self.normalize, self.percentiles)
+        return torch.from_numpy(normalize_channels(array, self.normalize, self.percentiles, self._ranges.get(index)))
 
     def read_masks(self, index: int, window: tuple[int, int, int, int] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +305,9 @@ def instance_batches(dataset: CocoInstanceDataset, batch_size: int, start_step: 
     """Endless ``(step, (images (B, C, S, S), targets))`` from ``start_step`` on (module docstring)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise input_error("batch_size", "a positive integer", repr(batch_size), "Set train.batch_size=4")
+    # its own generator: starting a DataLoader iterator otherwise draws from the global torch RNG, which would
+    # shift every later draw (RPN / RoI sampling) and break bit-exact resume
     loader = DataLoader(_StepBatches(dataset, batch_size, seed, rank), batch_size=None,
                         sampler=itertools.count(start_step), num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
     return iter(loader)

@@ -21,7 +21,9 @@ from micromae.errors import input_error
 
 def build_image_dataset(cfg: PretrainConfig, run_dir: Path) -> MultiChannelImageFolder:
     """The multi-channel image folder of ``data.source`` ``images`` or ``synthetic_mif`` with DAMA's
-    augmentation to ``model.img_size``; checks the channel count against ``model.in_chans``."""
+    augmentation to ``model.img_size``, each file scaled to [0, 1] as ``data.normalize`` / ``data.percentiles``
+    say (:func:`~micromae.data.multichannel.normalize_channels`); checks the channel count against
+    ``model.in_chans``."""
     d = cfg.data
     if d.source == "synthetic_mif":
         from micromae.data.synthetic_mif import write_mif_dataset
@@ -36,7 +38,8 @@ def build_image_dataset(cfg: PretrainConfig, run_dir: Path) -> MultiChannelImage
                               "Set data.root=/path/to/tiffs (and data.axes=CYX or YXC if the files do not say)")
         folder = Path(d.root)
     augment = DamaAugment(cfg.model.img_size, scale=d.crop_scale)
-    dataset = MultiChannelImageFolder(folder, axes=d.axes, transform=augment)
+    dataset = MultiChannelImageFolder(folder, axes=d.axes, transform=augment, normalize=d.normalize,
+                                      percentiles=tuple(d.percentiles))
     if dataset.num_channels != cfg.model.in_chans:
         raise input_error(f"images in '{folder}'", f"{cfg.model.in_chans} channels (model.in_chans)",
                           f"{dataset.num_channels} channels ({', '.join(dataset.channel_names)})",

@@ -1,10 +1,9 @@
 """Folders of multi-channel images for DAMA: reading, scaling to [0, 1], DAMA's augmentation, a seeded loader.
 
 :class:`MultiChannelImageFolder` reads ``root/*.tif`` (unlabelled, label -1) or ``root/<class>/**/*.tif``
-(labels = class index) as float32 ``(C, H, W)`` tensors. Integer images are divided by their dtype's
-maximum (uint8 by 255, uint16 by 65535); float images by their own maximum over all channels and pixels
-(so the brightest pixel is 1; an image with no positive value is left as is). There is no mean/std
-normalisation, as in DAMA.
+(labels = class index) as float32 ``(C, H, W)`` tensors scaled to [0, 1] by
+:func:`micromae.data.channel_norm.normalize_channels` (``normalize``: ``dtype`` (default), ``percentile``,
+``minmax``, ``channel_stats``); the whole file is normalised before any crop or augmentation.
 
 :class:`DamaAugment` is DAMA's pre-training augmentation (DAMA.md §1, the public code's pipeline for
 7-channel data): a square crop of side ``round(scale * size)`` ("half size" = half the *output* side, as
@@ -38,6 +37,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from micromae.data.channel_norm import (DEFAULT_PERCENTILES, channel_ranges, check_normalize,
+                                        dataset_channel_ranges, normalize_channels)
 from micromae.errors import input_error
 from micromae.io import open_volume
 
@@ -45,17 +46,6 @@ IMAGE_SUFFIXES = (".tif", ".tiff")  # also matches .ome.tif / .ome.tiff
 ROTATIONS = ("free", "right_angles")
 _INTERPOLATION = {"bilinear": TF.InterpolationMode.BILINEAR, "nearest": TF.InterpolationMode.NEAREST,
                   "bicubic": TF.InterpolationMode.BICUBIC}
-
-
-def scale_to_unit(array: np.ndarray) -> np.ndarray:
-    """(C, H, W) array -> float32: integers divided by the dtype maximum, floats by the array's maximum."""
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if array.dtype.kind in "iu":
-        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-    out = array.astype(np.float32)
-    peak = float(out.max()) if out.size else 0.0
-    return out / np.float32(peak) if peak > 0 else out
 
 
 def read_channel_names(path: str | Path, count: int) -> list[str] | None:
@@ -243,6 +233,9 @@ def _file_axes(path: Path, axes: str | None) -> tuple[str | None, tuple[int, ...
 class MultiChannelImageFolder(Dataset):
     """Multi-channel TIFFs of a folder as ``(image (C, H, W) float32 in [0, 1], label)`` (module docstring).
 
+    ``normalize`` (``"dtype"``, ``"percentile"``, ``"minmax"``, ``"channel_stats"``) and ``percentiles``:
+    how each file is scaled to [0, 1] (:func:`normalize_channels`, on the whole file, before the transform).
+
     ``axes``: the files' dimensions in file order (``"CYX"``, ``"YXC"``); None reads them from the
     metadata. ``size``: with no ``transform``, images are resized (bilinear) to ``size × size``.
     ``transform``: applied to the scaled tensor; one with ``accepts_rng`` (e.g. :class:`DamaAugment`)
@@ -254,7 +247,11 @@ class MultiChannelImageFolder(Dataset):
 
     def __init__(self, root: str | Path, axes: str | None = None, size: int | None = None,
                  transform: Callable | None = None, channels: Sequence[str | int] | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, normalize: str = "dtype",
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
+        self.normalize, self.percentiles = normalize, check_normalize(normalize, percentiles)
+        self._ranges: dict[int, np.ndarray] = {}  # per-file (lo, hi) of the selected channels, computed once
+        self.dataset_ranges: np.ndarray | None = None  # channel_stats: one (lo, hi) for the folder
         self.root = Path(root)
         self.files, self.labels, self.classes = _find_files(self.root, classes)
         info = [_file_axes(f, axes) for f in self.files]
@@ -303,15 +300,31 @@ class MultiChannelImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, index: int) -> torch.Tensor:
-        """Image ``index`` as float32 ``(C, H, W)`` in [0, 1] (selected channels), before any transform."""
+    def read_raw(self, index: int) -> np.ndarray:
+        """Image ``index`` as stored, ``(C, H, W)`` of the selected channels (NaN / inf rejected)."""
         path = self.files[index]
         with open_volume(path, axes=self._axes[index], check=False) as volume:
             array = volume.read()
         array = array[None] if array.ndim == 2 else array
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise input_error(f"image '{path}'", "finite pixel values", "NaN or inf", "Replace or drop them")
-        return torch.from_numpy(scale_to_unit(array[self.channel_index]))
+        return array[self.channel_index]
+
+    def ranges(self, index: int, array: np.ndarray) -> np.ndarray | None:
+        """The ``(2, C)`` range image ``index`` is scaled with (None for ``dtype``), computed once."""
+        if self.normalize == "channel_stats":
+            if self.dataset_ranges is None:
+                files = np.random.default_rng(0).permutation(len(self))[:256]
+                self.dataset_ranges = dataset_channel_ranges((self.read_raw(int(i)) for i in files), self.percentiles)
+            return self.dataset_ranges
+        if self.normalize != "dtype" and index not in self._ranges:
+            self._ranges[index] = channel_ranges(array, self.normalize, self.percentiles)
+        return self._ranges.get(index)
+
+    def read(self, index: int) -> torch.Tensor:
+        """Image ``index`` as float32 ``(C, H, W)`` in [0, 1] (selected channels), before any transform."""
+        array = self.read_raw(index)
+        return torch.from_numpy(normalize_channels(array, self.normalize, self.percentiles, self.ranges(index, array)))
 
     def get(self, index: int, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, int]:
         """``(image, label)``; ``rng`` drives a transform with ``accepts_rng`` (None: torch's global RNG)."""

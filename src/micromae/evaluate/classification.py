@@ -171,8 +171,19 @@ class _Protocol:
 
         if size not in self.crops:
             d = self.base.data
-            self.crops[size] = load_labelled_crops(d.root, size, d.axes, d.channels, d.classes)
+            self.crops[size] = load_labelled_crops(d.root, size, d.axes, d.channels, d.classes, d.normalize,
+                                                   d.percentiles)
         return self.crops[size]
+
+    def warn_normalize(self, name: str, init: str) -> None:
+        """Say so when the crops are scaled otherwise than the encoder's pre-training images were."""
+        from micromae.evaluate.probe import checkpoint_normalize
+        from micromae.train.log import say
+
+        d = self.base.data
+        if init != "random" and checkpoint_normalize(init)[0] != d.normalize:
+            say(f"warning: encoder '{name}' was trained with data.normalize={checkpoint_normalize(init)[0]}, the "
+                f"crops are read with data.normalize={d.normalize} (set it with an override to match)")
 
     def done(self, key: tuple) -> bool:
         return any((r["encoder"], r["method"], r["fraction"], r["fold"]) == key for r in self.records)
@@ -231,6 +242,7 @@ def run_evaluate_classification(checkpoints: Mapping[str, str], root: str | Path
     bar = tqdm(total=jobs, desc="classification protocol", unit="fold")
     for name, init in checkpoints.items():
         encoder = proto.encoder(init, branch)
+        proto.warn_normalize(name, init)
         crops = proto.crops_at(encoder.img_size[0])
         check_channels(encoder, crops, init)
         if splits is None:  # the same files in the same order at every size: one set of splits for all

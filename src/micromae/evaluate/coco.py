@@ -268,7 +268,8 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
                            max_dets: int = 100) -> dict[str, dict[str, Any]]:
     """Predict ``coco``'s images with a Mask R-CNN ``checkpoint`` (or score existing ``predictions``) and
     write ``out/``: ``predictions.json`` (when predicted), ``metrics.json``, ``report.md``, ``pr_curves.png``.
-    ``inference``: ``whole`` or ``tiles`` (default: the run's config). Returns :func:`coco_evaluate`'s dict."""
+    ``inference``: ``whole`` or ``tiles`` (default: the run's config). Images are scaled to [0, 1] as in
+    training (the checkpoint's ``data.normalize`` / ``data.percentiles``). Returns :func:`coco_evaluate`'s dict."""
     from micromae.io import write_files_atomically
 
     if (checkpoint is None) == (predictions is None):
@@ -283,7 +284,8 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
 
         model, cfg = load_maskrcnn_model(checkpoint, resolve_device(device))
         model.roi_heads.detections_per_img = max(int(max_dets), model.roi_heads.detections_per_img)
-        dataset = CocoInstanceDataset(coco, image_root=image_root, axes=axes, crop_size=cfg.data.crop_size)
+        dataset = CocoInstanceDataset(coco, image_root=image_root, axes=axes, crop_size=cfg.data.crop_size,
+                                      normalize=cfg.data.normalize, percentiles=cfg.data.percentiles)
         if dataset.num_channels != cfg.model.in_chans:
             raise input_error(f"images of '{coco}'", f"{cfg.model.in_chans} channels (the checkpoint's model)",
                               f"{dataset.num_channels} channels", "Evaluate on images of the training panel "

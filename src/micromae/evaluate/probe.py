@@ -172,12 +172,48 @@ def probe_encoders(checkpoints: Mapping[str, str], branch: int = 1, size: int | 
     return {n: encoders[n].eval() for n in checkpoints}
 
 
+def checkpoint_normalize(path: str | Path) -> tuple[str, tuple[float, ...]]:
+    """``(data.normalize, data.percentiles)`` a checkpoint's run read its images with; ``("dtype", ...)`` for
+    files that do not record it (runs from before the option, exported encoders without a config)."""
+    from micromae.data.channel_norm import DEFAULT_PERCENTILES
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        meta = path.with_suffix(".json")
+        config = json.loads(meta.read_text()).get("config") or {} if meta.is_file() else {}
+    else:
+        from micromae.train.checkpoint import load_checkpoint
+
+        config = load_checkpoint(path).get("config") or {}
+    data = config.get("data") or {}
+    return str(data.get("normalize", "dtype")), tuple(float(p) for p in data.get("percentiles", DEFAULT_PERCENTILES))
+
+
+def _input_settings(checkpoints: Mapping[str, str], normalize: str | None,
+                    percentiles: Sequence[float] | None) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """``{name: (normalize, percentiles)}``: the arguments, else each checkpoint's own (a random encoder
+    takes the first checkpoint's, so it sees the same inputs)."""
+    from micromae.data.channel_norm import DEFAULT_PERCENTILES, check_normalize
+
+    if normalize is not None:
+        pct = check_normalize(normalize, percentiles or DEFAULT_PERCENTILES)
+        return {n: (normalize, pct) for n in checkpoints}
+    own = {n: checkpoint_normalize(p) for n, p in checkpoints.items() if p != "random"}
+    first = next(iter(own.values()), ("dtype", tuple(DEFAULT_PERCENTILES)))
+    return {n: own.get(n, first) if percentiles is None else (own.get(n, first)[0], tuple(percentiles))
+            for n in checkpoints}
+
+
 def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, out: str | Path | None = None,
               axes: str | None = None, channels: Sequence[str | int] | None = None, size: int | None = None,
               branch: int = 1, folds: int = 5, test_size: float = 0.4, seed: int = 0, k: int = 20,
               temperature: float = 0.07, vote: str = "weighted", pool: str = "avg", epochs: int = 100,
-              device: str = "auto") -> dict[str, Any]:
+              device: str = "auto", normalize: str | None = None,
+              percentiles: Sequence[float] | None = None) -> dict[str, Any]:
     """Linear-probe and k-NN accuracy of frozen encoders on the crops of ``root/<class>/*.tif``.
+
+    ``normalize`` / ``percentiles``: how crops are scaled to [0, 1] (``dtype``, ``percentile``, ``minmax``);
+    None: as each encoder's checkpoint was trained (its ``data.normalize``), see :func:`checkpoint_normalize`.
 
     ``checkpoints``: ``{name: path}`` or a list of paths (named by file); ``"random"`` = a random-init encoder.
     Every encoder is scored on the same ``folds`` stratified splits (``test_size`` held out). Writes
@@ -191,13 +227,14 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
     if not isinstance(checkpoints, Mapping):
         checkpoints = {("random init" if p == "random" else Path(p).stem): str(p) for p in checkpoints}
     dev = resolve_device(device)
+    inputs = _input_settings(checkpoints, normalize, percentiles)
     probe = ProbeData(root, axes, channels)
     only_random = all(p == "random" for p in checkpoints.values())
     encoders = probe_encoders(checkpoints, branch, size, in_chans=probe.channels_hint() if only_random else 7,
                               seed=seed)
     rows = []
     for name, encoder in tqdm(encoders.items(), desc="probing encoders", unit="encoder"):
-        crops = probe.at(encoder.img_size[0])
+        crops = probe.at(encoder.img_size[0], *inputs[name])
         if encoder.in_chans != crops.num_channels:
             raise input_error(f"encoder '{name}'", f"{crops.num_channels} input channels (the crops')",
                               f"{encoder.in_chans}", "Select the encoder's channels with --channels")
@@ -211,6 +248,7 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
             knn.append(knn_probe(feats[tr], labels[tr], feats[te], labels[te], k=k, temperature=temperature,
                                  vote=vote, num_classes=len(crops.classes)))
         rows.append({"encoder": name, "checkpoint": checkpoints[name], "feature_dim": int(feats.shape[1]),
+                     "normalize": inputs[name][0], "percentiles": list(inputs[name][1]),
                      "linear_mean": float(np.mean(lin)), "linear_std": float(np.std(lin)), "linear_folds": lin,
                      "knn_mean": float(np.mean(knn)), "knn_std": float(np.std(knn)), "knn_folds": knn})
     counts = np.bincount(crops.labels.numpy(), minlength=len(crops.classes))
@@ -220,7 +258,7 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
                 "branch": branch}
     result = {"rows": rows, "settings": settings}
     if out is not None:
-        table = markdown_table([{"encoder": r["encoder"],
+        table = markdown_table([{"encoder": r["encoder"], "inputs": r["normalize"],
                                  "linear probe": f"{r['linear_mean']:.3f} ± {r['linear_std']:.3f}",
                                  f"k-NN (k={k}, {vote})": f"{r['knn_mean']:.3f} ± {r['knn_std']:.3f}"} for r in rows])
         out = Path(out)
@@ -235,18 +273,20 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
 
 
 class ProbeData:
-    """The crops of one folder, read once per input side."""
+    """The crops of one folder, read once per input side and normalisation."""
 
     def __init__(self, root: str | Path, axes: str | None, channels: Sequence[str | int] | None) -> None:
         self.root, self.axes, self.channels = root, axes, channels
         self.cache: dict[int, Any] = {}
 
-    def at(self, size: int):
+    def at(self, size: int, normalize: str = "dtype", percentiles: Sequence[float] = (0.5, 99.8)):
         from micromae.train.classify_data import load_labelled_crops
 
-        if size not in self.cache:
-            self.cache[size] = load_labelled_crops(self.root, size, self.axes, self.channels)
-        return self.cache[size]
+        key = (size, normalize, tuple(percentiles))
+        if key not in self.cache:
+            self.cache[key] = load_labelled_crops(self.root, size, self.axes, self.channels, normalize=normalize,
+                                                  percentiles=percentiles)
+        return self.cache[key]
 
     def channels_hint(self) -> int:
         """Channel count of the crops (read at a small side), for a random encoder with nothing to copy."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from micromae.config import TrainConfig, from_dict, load_config, save_config, to_dict
+from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
@@ -64,7 +65,10 @@ class ClassifyDataConfig:
     """The crops: ``root/<class>/*.tif``. ``size``: side the crops are resized to and the model runs at
     (None: the encoder's ``img_size``). ``axes``: file dimension order (CYX, YXC; None: from metadata).
     ``channels``: names or indices to keep (None: all). ``classes``: class folders in label order (None:
-    sorted sub-folders)."""
+    sorted sub-folders). ``normalize``: ``dtype`` (divide by the type's maximum, DAMA), ``percentile`` (per
+    crop file and channel, ``percentiles`` to [0, 1], clipped; this stretches a marker-negative crop's
+    background and hurt on synthetic crops), ``minmax``, or ``channel_stats`` (one range per channel for the
+    folder); the fine-tuned checkpoint carries it, and evaluation reads crops the same way."""
 
     root: str | None = None
     axes: str | None = None
@@ -74,6 +78,8 @@ class ClassifyDataConfig:
     train_files: list[str] = field(default_factory=list)
     test_files: list[str] = field(default_factory=list)
     augment: bool = True  # random 90° rotations and flips
+    normalize: str = "dtype"  # dtype | minmax | percentile | channel_stats
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
 
 
 @dataclass
@@ -135,6 +141,7 @@ def check_classify_config(cfg: ClassifyConfig) -> None:
                           "Set task: classification and init_branch: 1 (DAMA branch 1) or 2")
     if t.amp not in ("auto", "bf16", "off"):
         raise input_error("train.amp", "auto, bf16 or off", repr(t.amp), "Set train.amp=auto")
+    check_normalize(cfg.data.normalize, cfg.data.percentiles)
     for name, value, low, high in (("mixup", t.mixup, 0, 100), ("cutmix", t.cutmix, 0, 100),
                                    ("mixup_prob", t.mixup_prob, 0, 1), ("mixup_switch_prob", t.mixup_switch_prob, 0, 1),
                                    ("smoothing", t.smoothing, 0, 0.99), ("drop_path", t.drop_path, 0, 0.99)):
@@ -291,7 +298,7 @@ def run_classify_finetune(cfg: ClassifyConfig, run_dir: str | Path, resume: str 
                 raise input_error("data.root", "a folder of class sub-folders of crops", "nothing",
                                   "Set data.root=/path/to/cells (e.g. the cells/ folder of micromae data synth-mif)")
             crops = load_labelled_crops(cfg.data.root, encoder.img_size[0], cfg.data.axes, cfg.data.channels,
-                                        cfg.data.classes)
+                                        cfg.data.classes, cfg.data.normalize, cfg.data.percentiles)
         check_channels(encoder, crops, cfg.init)
         if tuple(crops.images.shape[-2:]) != encoder.img_size:
             raise input_error("crops", f"side {encoder.img_size[0]} (the model's input)",

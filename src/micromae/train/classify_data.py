@@ -3,9 +3,12 @@ stream augmented batches for the engine.
 
 A classification set is a folder of class sub-folders of multi-channel TIFF crops
 (``root/<cell type>/*.tif``, what ``micromae data synth-mif`` writes under ``cells/``). The crops are read
-with :class:`~micromae.data.multichannel.MultiChannelImageFolder` (scaled to [0, 1], no mean/std
-normalisation, as DAMA), resized to ``size × size`` and kept in memory as one float32 tensor, so repeated
-folds of the evaluation protocol read the folder once (4000 crops of 7 × 128 × 128 take 1.8 GB).
+with :class:`~micromae.data.multichannel.MultiChannelImageFolder` (scaled to [0, 1] by ``normalize``:
+``"dtype"``, the type's maximum as DAMA; ``"percentile"`` / ``"minmax"`` per crop file and channel, the
+whole file before resizing, which stretches marker-negative crops; ``"channel_stats"``, one range per channel
+for the folder; no mean/std normalisation), resized to ``size × size`` and kept in memory as one float32
+tensor, so repeated folds of the evaluation protocol read the folder once (4000 crops of 7 × 128 × 128 take
+1.8 GB).
 
 Training batches (:func:`crop_stream`) are a pure function of ``(seed, step)``: epoch ``e`` visits the crops
 in the order ``np.random.default_rng([seed, e]).permutation``, and batch ``b`` of it is augmented with
@@ -58,8 +61,11 @@ class LabelledCrops:
 
 def load_labelled_crops(root: str | Path, size: int, axes: str | None = None,
                         channels: Sequence[str | int] | None = None,
-                        classes: Sequence[str] | None = None) -> LabelledCrops:
-    """Read every crop of ``root/<class>/**/*.tif`` resized to ``size × size`` (see the module docstring).
+                        classes: Sequence[str] | None = None, normalize: str = "dtype",
+                        percentiles: Sequence[float] = (0.5, 99.8)) -> LabelledCrops:
+    """Read every crop of ``root/<class>/**/*.tif`` resized to ``size × size`` (see the module docstring),
+    each file scaled to [0, 1] by ``normalize`` / ``percentiles``
+    (:func:`~micromae.data.multichannel.normalize_channels`).
 
     Raises MicromaeInputError for a folder without class sub-folders or with fewer than two classes that have
     crops.
@@ -67,7 +73,8 @@ def load_labelled_crops(root: str | Path, size: int, axes: str | None = None,
     from micromae.data.multichannel import MultiChannelImageFolder
 
     root = Path(root)
-    dataset = MultiChannelImageFolder(root, axes=axes, size=size, channels=channels, classes=classes)
+    dataset = MultiChannelImageFolder(root, axes=axes, size=size, channels=channels, classes=classes,
+                                      normalize=normalize, percentiles=percentiles)
     if not dataset.classes:
         raise input_error(f"classification folder '{root}'", "one sub-folder of crops per cell type",
                           "images directly in the folder (no labels)",

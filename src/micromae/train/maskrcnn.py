@@ -24,6 +24,7 @@ from torch import nn
 
 from micromae.config import ModelConfig, TrainConfig, from_dict, load_config, save_config, to_dict
 from micromae.data.coco import CocoInstanceDataset, instance_batches
+from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.models import ViTEncoder
 from micromae.models.heads.maskrcnn import build_maskrcnn
@@ -46,7 +47,10 @@ class InstanceDataConfig:
     """Training data. ``source``: ``coco`` (``annotations`` JSON, images under ``image_root``, default the
     JSON's folder) or ``synthetic_mif`` (``n_images`` synthetic multiplex images of ``synthetic_shape``,
     written once into ``RUN_DIR/synthetic_mif``). ``crop_size``: training crops; ``scale_range``: LSJ
-    (``[1.0, 1.0]``: none); ``flip``: random flips."""
+    (``[1.0, 1.0]``: none); ``flip``: random flips. ``normalize`` (``dtype``, ``percentile``, ``minmax``) and
+    ``percentiles``: how each whole image is scaled to [0, 1] before cropping
+    (:func:`~micromae.data.multichannel.normalize_channels`); ``micromae evaluate instances`` reads the
+    checkpoint's choice."""
 
     source: str = "coco"
     annotations: str | None = None
@@ -55,6 +59,8 @@ class InstanceDataConfig:
     crop_size: int = 128
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     flip: bool = True
+    normalize: str = "dtype"  # dtype | minmax | percentile | channel_stats
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
     num_workers: int = 0
     n_images: int = 8
     synthetic_shape: list[int] = field(default_factory=lambda: [256, 256])
@@ -120,6 +126,7 @@ def check_maskrcnn_config(cfg: MaskRCNNConfig) -> None:
         raise input_error("data.scale_range / init_branch / num_classes", "[low, high] / 1 or 2 / >= 0",
                           f"{cfg.data.scale_range} / {cfg.init_branch} / {cfg.num_classes}",
                           "e.g. data.scale_range=[0.1,2.0] init_branch=1 num_classes=0")
+    check_normalize(cfg.data.normalize, cfg.data.percentiles)
 
 
 def load_maskrcnn_config(path: str | Path, overrides: list[str] | None = None) -> MaskRCNNConfig:
@@ -226,7 +233,8 @@ def build_instance_dataset(cfg: MaskRCNNConfig, run_dir: Path) -> CocoInstanceDa
                               overwrite=True)
         annotations = str(root / "annotations.json")
     return CocoInstanceDataset(annotations, image_root=d.image_root, axes=d.axes, crop_size=d.crop_size,
-                               scale_range=d.scale_range, flip=d.flip)
+                               scale_range=d.scale_range, flip=d.flip, normalize=d.normalize,
+                               percentiles=d.percentiles)
 
 
 def resolve_classes(cfg: MaskRCNNConfig, dataset: CocoInstanceDataset, encoder: ViTEncoder, origin: str) -> None:
