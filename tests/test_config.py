@@ -108,3 +108,16 @@ def test_dama_paper_preset_has_the_papers_numbers():
     assert t.batch_size == 512 and t.lr == pytest.approx(1.5e-4 * 512 / 256) and t.betas == [0.9, 0.95]
     assert t.weight_decay == 0.05 and t.no_decay_bias_norm and t.schedule == "cosine" and t.min_lr == 0.0
     assert t.warmup_steps / t.steps == pytest.approx(40 / 500, rel=0.01)  # 40 of 500 epochs
+
+
+def test_config_paths_named_in_the_readme_exist():
+    """Every ``configs/<name>.yaml`` the README shows resolves from the repository root (``configs`` links to
+    the shipped presets)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"configs/[a-z0-9_]+\.yaml", (root / "README.md").read_text()))
+    assert named, "the README names no config files"
+    missing = [p for p in sorted(named) if not (root / p).is_file()]
+    assert not missing, missing
