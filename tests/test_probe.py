@@ -101,3 +101,11 @@ def test_probe_rejects_a_folder_with_one_class(cells, tmp_path, capsys):
 def test_probe_cli_rejects_missing_checkpoint(cells, capsys):
     assert main(["probe", "--checkpoint", "nope.pt", "--data", str(cells)]) == 2
     assert "no file" in capsys.readouterr().err
+
+
+def test_probe_cli_passes_the_normalisation(cells, tmp_path):
+    out = tmp_path / "probe"
+    assert main(["probe", "--checkpoint", "random", "--data", str(cells), "--folds", "2", "--out", str(out),
+                 "--device", "cpu", "--normalize", "channel_stats", "--percentiles", "1", "99"]) == 0
+    (row,) = json.loads((out / "probe.json").read_text())["rows"]
+    assert row["normalize"] == "channel_stats" and list(row["percentiles"]) == [1.0, 99.0]

@@ -48,7 +48,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     result = run_probe(parse_checkpoints(args.checkpoint), args.data, out=args.out, axes=args.axes,
                        channels=_channels(args.channels), size=args.size, branch=args.branch, folds=args.folds,
                        test_size=args.test_size, seed=args.seed, k=args.k, vote=args.vote, pool=args.pool,
-                       device=args.device)
+                       device=args.device, normalize=args.normalize, percentiles=args.percentiles)
     s = result["settings"]
     print(f"{s['n_crops']} crops, {len(s['classes'])} classes (chance {s['chance']:.3f}), {s['folds']} splits:")
     for r in result["rows"]:
@@ -108,6 +108,11 @@ def register(sub: argparse._SubParsersAction, evaluate: argparse._SubParsersActi
     p.add_argument("--size", type=int, help="resize crops to this side (default: the encoder's input size)")
     p.add_argument("--pool", choices=("avg", "cls"), default="avg",
                    help="feature of a crop: average of its patch tokens (avg, default) or the class token (cls)")
+    p.add_argument("--normalize", choices=("dtype", "percentile", "minmax", "channel_stats"),
+                   help="how crops are scaled to [0, 1] (default: as each checkpoint was trained); for folders of "
+                        "crops use dtype or channel_stats (one range per channel for the folder), not percentile")
+    p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="for percentile / channel_stats (default 0.5 99.8)")
     p.add_argument("--out", help="folder for probe.json and probe.md (default: print only)")
     p.set_defaults(func=lambda a: cmd_probe(_default_folds(a, 5)))
 
