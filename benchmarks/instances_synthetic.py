@@ -6,7 +6,8 @@
 2. Pre-training (for the second arm): ``dama_tiny`` (student1-student2, 32×32 crops, ``--pretrain-steps``
    steps) on its own synthetic images (16 images, seed 0), then branch 1's encoder.
 3. Fine-tuning: ``maskrcnn_tiny`` as shipped (64-px crops, LSJ 0.5-1.5, AdamW, layer decay 0.7,
-   ``--steps`` steps, batch 4, seed 0), once from random init and once from the pre-trained encoder.
+   ``--steps`` steps, batch 4, fine-tuning seed 0 or each of ``--seeds``), once from random init and once from
+   the pre-trained encoder (``--checkpoint``: use that pre-training instead of running step 2).
 4. Evaluation: ``run_evaluate_instances`` on the test images (whole 256×256 images predicted as 64-px tiles,
    the preset's ``inference: tiles``; and once in one pass, ``inference=whole``, for the random-init run).
 5. Intensities: ``--normalize dtype`` (default; uint16 divided by 65535) or ``percentile`` (per image and
@@ -20,6 +21,7 @@ is ``<out>/instances_synthetic.md``.
 
     OMP_NUM_THREADS=1 python benchmarks/instances_synthetic.py [--quick] [--steps N] [--pretrain-steps N]
         [--normalize dtype|percentile] [--percentiles LOW HIGH] [--arms random,dama,random_ld1,dama_ld1]
+        [--seeds 0 1 2] [--checkpoint dama_run/checkpoints/last.pt]
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--normalize", default="dtype", choices=("dtype", "percentile", "minmax"),
                         help="intensity scaling of every stage (default dtype)")
     parser.add_argument("--percentiles", type=float, nargs=2, default=[0.5, 99.8], help="for --normalize percentile")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="fine-tuning seeds, each arm runs once per seed (default 0)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a dama_tiny pre-training checkpoint to use instead of pre-training here")
     parser.add_argument("--arms", default="random,dama,random_ld1,dama_ld1",
                         help="fine-tuning runs: random, dama (layer decay 0.7), random_ld1, dama_ld1 (1.0)")
     return parser.parse_args(argv)
@@ -102,24 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         pre_cfg = load_config(resolve_config("dama_tiny"), PretrainConfig, common + [f"train.steps={pre_steps}"]
                               + (["data.n_images=2", "data.synthetic_shape=[64,64]", "train.batch_size=2"]
                                  if args.quick else []))
-        log(f"pre-training dama_tiny for {pre_steps} steps")
-        pre, cpu, wall = timed(run_pretrain, pre_cfg, tmp / "dama")
-        rep.emit("cpu_s", cpu, "s", None, stage="pretrain dama_tiny", steps=pre_steps, wall_s=wall)
-        for name, encoder in (("random init", None), ("DAMA (dama_tiny, branch 1)", pre.checkpoint)):
+        if args.checkpoint is None:
+            log(f"pre-training dama_tiny for {pre_steps} steps")
+            pre, cpu, wall = timed(run_pretrain, pre_cfg, tmp / "dama")
+            rep.emit("cpu_s", cpu, "s", None, stage="pretrain dama_tiny", steps=pre_steps, wall_s=wall)
+            pretrained = pre.checkpoint
+        else:
+            pretrained = args.checkpoint
+        for name, encoder in (("random init", None), ("DAMA (dama_tiny, branch 1)", pretrained)):
             rep.emit("token_var_across_images", token_variance(encoder, test, **norm), "1", None, encoder=name,
                      normalize=args.normalize)
         arms = {"random init": ("random", ["init=random"]),
-                "DAMA (dama_tiny, branch 1)": ("dama", [f"init={pre.checkpoint}"]),
+                "DAMA (dama_tiny, branch 1)": ("dama", [f"init={pretrained}"]),
                 "random init, layer_decay 1.0": ("random_ld1", ["init=random", "layer_decay=1.0"]),
-                "DAMA, layer_decay 1.0": ("dama_ld1", [f"init={pre.checkpoint}", "layer_decay=1.0"])}
+                "DAMA, layer_decay 1.0": ("dama_ld1", [f"init={pretrained}", "layer_decay=1.0"])}
         chosen = set(args.arms.split(","))
-        for arm, (key, init) in arms.items():
+        for arm, seed in ((a, sd) for a in arms for sd in args.seeds):
+            key, init = arms[arm]
             if key not in chosen:
                 continue
-            cfg = load_maskrcnn_config(resolve_config("maskrcnn_tiny"), common + init + [f"train.steps={steps}"]
-                                       + (QUICK_DATA if args.quick else []))
-            log(f"fine-tuning maskrcnn_tiny ({arm}) for {steps} steps")
-            torch.manual_seed(0)
+            cfg = load_maskrcnn_config(resolve_config("maskrcnn_tiny"), common + init + [f"train.steps={steps}",
+                                       f"train.seed={seed}"] + (QUICK_DATA if args.quick else []))
+            log(f"fine-tuning maskrcnn_tiny ({arm}, seed {seed}) for {steps} steps")
+            torch.manual_seed(seed)
             result, cpu, wall = timed(run_maskrcnn_finetune, cfg, tmp / f"run_{len(rows)}")
             rep.emit("cpu_s", cpu, "s", None, stage=f"finetune {arm}", steps=steps, wall_s=wall)
             modes = ("tiles", "whole") if arm == "random init" else ("tiles",)
@@ -130,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 for iou_type, name in (("bbox", "box"), ("segm", "mask")):
                     for key in ("mAP", "mAP50", "mAP75"):
                         rep.emit(f"{name}_{key}", metrics[iou_type][key], "AP", None, init=arm,
-                                 inference=mode, steps=steps, normalize=args.normalize)
-                rows.append([arm, mode] + [metrics[t][k] for t in ("bbox", "segm") for k in ("mAP", "mAP50", "mAP75")])
+                                 inference=mode, steps=steps, normalize=args.normalize, seed=seed)
+                label = arm if len(args.seeds) == 1 else f"{arm}, seed {seed}"
+                rows.append([label, mode] + [metrics[t][k] for t in ("bbox", "segm") for k in ("mAP", "mAP50", "mAP75")])
     rep.close()
     table = markdown_table(rows, ["encoder", "inference", "box mAP", "box AP50", "box AP75", "mask mAP",
                                   "mask AP50", "mask AP75"])
