@@ -21,11 +21,11 @@ There is no mean/std normalisation, as in DAMA.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from micromae.data.normalize import check_percentiles
 from micromae.errors import input_error
 
 NORMALIZE_MODES = ("dtype", "minmax", "percentile", "channel_stats")
@@ -48,14 +48,7 @@ def check_normalize(normalize: str, percentiles: Sequence[float] = DEFAULT_PERCE
     if normalize not in NORMALIZE_MODES:
         raise input_error("normalize", f"one of {NORMALIZE_MODES}", repr(normalize),
                           "Use 'dtype' (divide by the type's maximum) or 'percentile' (per image and channel)")
-    try:
-        low, high = (float(p) for p in percentiles)
-    except (TypeError, ValueError):
-        low, high = math.nan, math.nan
-    if not 0.0 <= low < high <= 100.0:
-        raise input_error("percentiles", "[low, high] with 0 <= low < high <= 100", repr(percentiles),
-                          "For example percentiles=[0.5, 99.8]")
-    return low, high
+    return check_percentiles(percentiles, example=DEFAULT_PERCENTILES)
 
 
 def channel_ranges(array: np.ndarray, normalize: str = "percentile",

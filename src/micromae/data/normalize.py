@@ -17,6 +17,7 @@ the single darkest or brightest voxel, which only means a few voxels are clipped
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -117,7 +118,7 @@ def intensity_range(volume: Any, mode: str = "dtype", percentiles: tuple[float, 
     if mode == "dtype" and dtype.kind in "iu":
         info = np.iinfo(dtype)
         return float(info.min), float(info.max)
-    low, high = _check_percentiles(percentiles)
+    low, high = check_percentiles(percentiles)
     values, complete = sample_voxels(volume, max_samples, seed)
     _check_finite(values, name)
     if mode == "percentile":
@@ -133,14 +134,15 @@ def intensity_range(volume: Any, mode: str = "dtype", percentiles: tuple[float, 
     return lo, hi
 
 
-def _check_percentiles(percentiles: tuple[float, float]) -> tuple[float, float]:
+def check_percentiles(percentiles: Sequence[float], example: Sequence[float] = (0.5, 99.5)) -> tuple[float, float]:
+    """``(low, high)`` as floats; MicromaeInputError unless ``0 <= low < high <= 100``."""
     try:
         low, high = (float(p) for p in percentiles)
     except (TypeError, ValueError):
         low, high = math.nan, math.nan
     if not 0.0 <= low < high <= 100.0:
         raise input_error("percentiles", "(low, high) with 0 <= low < high <= 100", repr(percentiles),
-                          "For example percentiles=(0.5, 99.5)")
+                          f"For example percentiles=({example[0]}, {example[1]})")
     return low, high
 
 
