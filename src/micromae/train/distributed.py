@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from micromae.errors import input_error
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,17 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def main_process_first(info: DistInfo, build: Callable[[], T]) -> T:
+    """``build()`` on the main process, then on the others once it is done (e.g. a data set whose files the
+    first call writes and later calls only read)."""
+    if info.is_main:
+        result = build()
+    barrier(info)
+    if not info.is_main:
+        result = build()
+    return result
 
 
 def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:

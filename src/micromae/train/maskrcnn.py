@@ -30,7 +30,7 @@ from micromae.models import ViTEncoder
 from micromae.models.heads.maskrcnn import build_maskrcnn
 from micromae.train import engine
 from micromae.train.checkpoint import load_checkpoint
-from micromae.train.distributed import barrier, cleanup_distributed, init_distributed
+from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
 from micromae.train.engine import Objective, TrainResult
 from micromae.train.layer_decay import build_layer_decay_optimizer
 from micromae.train.log import say
@@ -310,11 +310,8 @@ def run_maskrcnn_finetune(cfg: MaskRCNNConfig, run_dir: str | Path, resume: str 
         torch.manual_seed(cfg.train.seed + info.rank)
         np.random.seed(cfg.train.seed + info.rank)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if info.is_main:  # the main process writes synthetic images once, the others wait and read them
-            dataset = build_instance_dataset(cfg, run_dir)
-        barrier(info)
-        if not info.is_main:
-            dataset = build_instance_dataset(cfg, run_dir)
+        # the main process writes synthetic images once, the others wait and read them
+        dataset = main_process_first(info, lambda: build_instance_dataset(cfg, run_dir))
         # a resumed run gets its weights from its own checkpoint
         encoder, origin = init_encoder(cfg) if resume_path is None else (build_encoder(cfg), "resume")
         resolve_classes(cfg, dataset, encoder, origin)

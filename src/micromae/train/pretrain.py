@@ -13,7 +13,7 @@ from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.models import MaskedAutoencoder
 from micromae.train.checkpoint import find_resume_checkpoint
-from micromae.train.distributed import barrier, cleanup_distributed, init_distributed
+from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
 from micromae.train.engine import TrainResult, train
 from micromae.evaluate.figures import plot_loss_curves
 from micromae.train.log import read_log, say
@@ -100,11 +100,8 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = 
         torch.manual_seed(cfg.train.seed + info.rank)
         if images:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if info.is_main:  # the main process writes synthetic images once, the others wait and read them
-                dataset = build_image_dataset(cfg, run_dir)
-            barrier(info)
-            if not info.is_main:
-                dataset = build_image_dataset(cfg, run_dir)
+            # the main process writes synthetic images once, the others wait and read them
+            dataset = main_process_first(info, lambda: build_image_dataset(cfg, run_dir))
 
             def open_stream(start: int):
                 return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
