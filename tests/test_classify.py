@@ -21,22 +21,7 @@ from micromae.train.classify_data import load_labelled_crops, predict
 QUIET = ["train.device=cpu", "train.log_every=1", "train.ckpt_every=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one CPU thread is faster than two fighting over a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    """The tiny classification set, made the way a user would: `micromae data synth-mif`."""
-    out = tmp_path_factory.mktemp("mif") / "synth"
-    assert main(["data", "synth-mif", "--out", str(out), "--n-images", "2", "--shape", "256", "256",
-                 "--crop-size", "32"]) == 0
-    return out / "cells"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(img_size: int = 16, in_chans: int = 7, seed: int = 0, **kw) -> ViTEncoder:

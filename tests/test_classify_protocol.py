@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from micromae.cli import main
-from micromae.data.synthetic_mif import write_mif_dataset
 from micromae.errors import MicromaeInputError
 from micromae.evaluate import classification
 from micromae.evaluate.classification import fraction_subset, run_evaluate_classification, stratified_splits
@@ -22,19 +21,7 @@ TINY = ["data.size=16", "model.img_size=16", "model.embed_dim=32", "model.depth=
         "train.epochs=null", "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mif") / "synth"
-    write_mif_dataset(out, n_images=2, shape=(256, 256), crop_size=32)
-    return out / "cells"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

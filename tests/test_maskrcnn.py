@@ -25,13 +25,7 @@ from micromae.train.maskrcnn import (MaskRCNNConfig, init_encoder, load_maskrcnn
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small detector ops run far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_encoder(in_chans: int = 1, img_size: int = 32, patch_size: int = 4, depth: int = 1) -> ViTEncoder:

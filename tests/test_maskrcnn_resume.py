@@ -11,12 +11,7 @@ from micromae.train.maskrcnn import run_maskrcnn_finetune
 from test_maskrcnn import squares_config, write_squares
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_stopped_and_resumed_run_equals_a_straight_run(tmp_path):

@@ -21,12 +21,7 @@ from micromae.errors import MicromaeInputError
 CONFIGS = Path(__file__).parents[1] / "src/micromae/configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def faint(rng: np.random.Generator, channels: int = 3, size: int = 48) -> np.ndarray:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from micromae.cli import main
-from micromae.data.synthetic_mif import write_mif_dataset
 from micromae.errors import MicromaeInputError
 from micromae.evaluate.probe import extract_features, knn_predict, knn_probe, linear_probe
 from micromae.models import ViTEncoder
@@ -21,13 +20,6 @@ def clusters(n_per_class: int, n_classes: int = 3, dim: int = 16, spread: float 
     y = torch.arange(n_classes).repeat_interleave(n_per_class)
     x = centres[y] + spread * torch.randn(len(y), dim, generator=gen)
     return x, y
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mif") / "synth"
-    write_mif_dataset(out, n_images=2, shape=(256, 256), crop_size=32)
-    return out / "cells"
 
 
 def test_probes_separate_trivially_separable_features():
