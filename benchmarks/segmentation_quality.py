@@ -209,6 +209,7 @@ def supervised_rows(checkpoint: Path | None, train_seed: int, shape: tuple[int, 
         run_seg_finetune
 
     inits = [("random", "random")] + ([("MAESTER", str(checkpoint))] if checkpoint else [])
+    volumes = {seed: make_em_volume(shape, seed=seed) for seed in args.seeds}
     rows = []
     for preset in args.supervised:
         for tag, init in inits:
@@ -220,8 +221,7 @@ def supervised_rows(checkpoint: Path | None, train_seed: int, shape: tuple[int, 
             with timed({}) as clock:
                 result = run_seg_finetune(cfg, work / f"{preset}_{tag}")
             model = load_seg_model(result.checkpoint)
-            for seed in args.seeds:
-                vol = make_em_volume(shape, seed=seed)
+            for seed, vol in volumes.items():
                 image, ref = vol.image[:: args.z_step], vol.labels[:: args.z_step]
                 mask = vol.cell_mask[:: args.z_step] if args.cell_mask else None
                 ignore = ("outside",) if args.cell_mask else ()
