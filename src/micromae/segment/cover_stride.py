@@ -33,7 +33,7 @@ one chunk of ``batch_size`` windows ``(batch_size, C, F, F)`` and its encoder ac
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from micromae.data.normalize import scale_intensity
 from micromae.errors import input_error
+from micromae.runtime import eval_mode  # re-exported: segment.fit imports it from here
 
 __all__ = ["PixelGeometry", "AxisPlan", "encoder_geometry", "plan_axis", "pad_index", "block_size",
            "context_margin", "count_windows", "read_padded", "eval_mode", "encode_windows", "encode_lattice",
@@ -220,17 +221,6 @@ def read_padded(source: Any, ys: np.ndarray, xs: np.ndarray, pad_mode: str = "re
     ry = torch.as_tensor(np.where(iy >= 0, iy - ya, yb - ya), device=block.device)
     rx = torch.as_tensor(np.where(ix >= 0, ix - xa, xb - xa), device=block.device)
     return block.index_select(2, ry).index_select(3, rx).contiguous()
-
-
-@contextmanager
-def eval_mode(encoder: nn.Module) -> Iterator[nn.Module]:
-    """Put ``encoder`` in eval mode (no stochastic depth) and restore its mode afterwards."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        yield encoder
-    finally:
-        encoder.train(was_training)
 
 
 def encode_windows(encoder: nn.Module, windows: torch.Tensor, amp: bool = True) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from micromae.errors import input_error
+from micromae.runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -30,28 +30,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU. Explicit ``cuda`` / ``cuda:N`` / ``mps`` / ``cpu`` are checked."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise input_error("train.device", "auto, cpu, cuda, cuda:N or mps", repr(spec), "Fix train.device") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise input_error("train.device", "a machine with CUDA", "no CUDA device", "Use train.device=auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise input_error("train.device", "a machine with MPS", "no MPS device", "Use train.device=auto or cpu")
-    return device
 
 
 def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]:

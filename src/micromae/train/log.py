@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-def say(msg: str) -> None:
-    """A one-line status message for the person at the terminal (stderr, so stdout stays parseable)."""
-    print(f"micromae: {msg}", file=sys.stderr, flush=True)
+from micromae.runtime import say  # re-exported for callers inside train/
 
 
 class RunLogger:

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from micromae.evaluate.figures import plot_reconstructions
+from micromae.runtime import unwrap
 from micromae.train.engine import Objective
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module
+_unwrap = unwrap  # old private name, still imported by dama_objectives
 
 
 class MAEObjective(Objective):
