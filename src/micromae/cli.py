@@ -5,31 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
+from micromae import cli_classify, cli_instances, cli_segment
+from micromae.config import FINETUNE_TASKS, finetune_task, list_presets, resolve_config
 from micromae.errors import MicromaeInputError, input_error
 
-PRESET_DIR = "configs"
-
-
-def resolve_config(name_or_path: str) -> Path:
-    """A YAML path, or the name of a shipped preset (``maester_tiny`` or ``maester_tiny.yaml``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    bundled = resources.files("micromae") / PRESET_DIR / f"{stem}.yaml"
-    if bundled.is_file():
-        return Path(str(bundled))
-    raise input_error("config", "a YAML file or a preset name", repr(name_or_path),
-                      "Presets: " + ", ".join(list_presets()))
-
-
-def list_presets() -> list[str]:
-    folder = resources.files("micromae") / PRESET_DIR
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
+__all__ = ["build_parser", "main", "finetune_task", "list_presets", "resolve_config"]  # the last three: old home
 
 # ----------------------------------------------------------------------------------------------------------
 # verbs
@@ -44,7 +26,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import micromae
     from micromae.data.samples import sample_status
-    from micromae.train.distributed import resolve_device
+    from micromae.runtime import resolve_device
 
     print(f"micromae     {micromae.__version__}")
     print(f"python       {platform.python_version()}")
@@ -116,24 +98,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-FINETUNE_TASKS = ("segmentation", "classification", "instances")
-
-
-def finetune_task(path: Path) -> str:
-    """The ``task`` key of a fine-tuning YAML (default ``segmentation``): which trainer runs it."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise input_error(f"config '{path}'", "valid YAML", f"a parse error ({exc})", "Fix the file") from exc
-    task = data.get("task", "segmentation") if isinstance(data, dict) else "segmentation"
-    if task not in FINETUNE_TASKS:
-        raise input_error(f"config '{path}' task", f"one of {list(FINETUNE_TASKS)}", repr(task),
-                          "Set task: classification (cell types), instances (Mask R-CNN) or segmentation")
-    return task
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     path = resolve_config(args.config)
     task = finetune_task(path)
@@ -159,63 +123,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace):
-    from micromae.segment.volume import SegmentSettings
-
-    axes = (0, 1, 2) if getattr(args, "tri_planar", False) else (args.axis,)
-    return SegmentSettings(central_tokens=args.central_tokens, mode=args.mode, pad_mode=args.pad_mode,
-                           axes=axes, batch_size=args.batch_size, amp=not args.no_amp)
-
-
-def _parse_ks(text: str | None) -> list[int]:
-    """``4..10`` or ``4,6,8`` → list of ints."""
-    if not text:
-        return []
-    try:
-        if ".." in text:
-            lo, hi = text.split("..")
-            return list(range(int(lo), int(hi) + 1))
-        return [int(v) for v in text.split(",")]
-    except ValueError as exc:
-        raise input_error("--sweep", "a range like 4..10 or a list like 4,6,8", repr(text), "Fix --sweep") from exc
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    from micromae.segment.pipeline import run_segment
-
-    run_segment(args.checkpoint, args.input, args.output, k=args.k, centres=args.centres,
-                sweep=_parse_ks(args.sweep), settings=_settings(args), n_samples=args.samples, seed=args.seed,
-                mask_path=args.mask, pca_dim=args.pca, axes=args.axes, key=args.key, device=args.device,
-                overwrite=args.overwrite)
-    return 0
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from micromae.segment.pipeline import fit_clusters, load_encoder, open_input_volume, volume_range
-
-    encoder, config, sha = load_encoder(args.checkpoint, args.device)
-    volume = open_input_volume(args.input, args.axes, args.key)
-    mask = None if args.mask is None else open_input_volume(args.mask)
-    settings = _settings(args)
-    meta = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
-            "central_tokens": settings.central_tokens}
-    models, _ = fit_clusters(encoder, volume, [args.k], volume_range(volume, config), args.samples, args.seed,
-                             mask, settings, meta)
-    path = models[args.k].save(args.output)
-    print(f"wrote {args.k} centres to {path}")
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from micromae.segment.pipeline import run_embed
-
-    slices = _parse_ks(args.slices) if args.slices else None
-    path = run_embed(args.checkpoint, args.input, args.output, slices, _settings(args), args.axes, args.key,
-                     args.device, args.overwrite)
-    print(f"wrote pixel embeddings to {path}")
-    return 0
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from micromae.evaluate.segmentation import run_evaluate_segmentation
 
@@ -226,11 +133,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_keys(args: argparse.Namespace) -> int:
-    from micromae.config import PretrainConfig, config_keys, to_dict
+# the config class of each task, as "module:Class" (imported when asked for: `micromae --help` stays fast)
+TASK_CONFIGS = {"pretrain": "micromae.config:PretrainConfig",
+                "segmentation": "micromae.train.seg_finetune:SegFinetuneConfig",
+                "classification": "micromae.train.classify:ClassifyConfig",
+                "instances": "micromae.train.maskrcnn:MaskRCNNConfig"}
 
-    defaults = to_dict(PretrainConfig())
-    for key in config_keys(PretrainConfig):
+
+def task_config_class(task: str) -> type:
+    """The config dataclass of ``task`` (``pretrain`` or a fine-tuning task of :data:`FINETUNE_TASKS`)."""
+    import importlib
+
+    module, name = TASK_CONFIGS[task].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from micromae.config import config_keys, to_dict
+
+    cls = task_config_class(args.task)
+    defaults = to_dict(cls())
+    for key in config_keys(cls):
         node = defaults
         for part in key.split("."):
             node = node[part]
@@ -325,64 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the tiny preset's)")
     p.set_defaults(func=cmd_demo)
 
-    def inference_options(q: argparse.ArgumentParser, volume: bool = True) -> None:
-        q.add_argument("--checkpoint", required=True, help="pre-training checkpoint (RUN_DIR/checkpoints/last.pt)")
-        q.add_argument("--input", required=True, help="volume or image (.tif, .zarr, .h5:key, .npy)")
-        q.add_argument("--axes", help="dimension order of the input, e.g. ZYX (default: metadata or rank)")
-        q.add_argument("--key", help="HDF5 dataset or Zarr array inside the file")
-        q.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                       help="exact: every pixel gets the token centred on it (cover-and-stride, default); "
-                            "fast: half-overlapping windows at token resolution, upsampled (~80x fewer passes)")
-        q.add_argument("--central-tokens", type=int, default=None, metavar="C",
-                       help="central tokens kept per window (default 4 exact; 8 or 12 are 4x / 9x faster "
-                            "with less context)")
-        q.add_argument("--pad-mode", default="reflect", choices=("reflect", "symmetric", "constant", "edge"),
-                       help="how borders are padded (default reflect)")
-        q.add_argument("--batch-size", type=int, default=256, help="windows per encoder pass (default 256)")
-        q.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N")
-        q.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-        if volume:
-            q.add_argument("--axis", default="Z", help="slice the volume along this axis (Z, Y or X; default Z)")
-            q.add_argument("--tri-planar", action="store_true",
-                           help="embed along Z, Y and X and fuse (as averaged features); 3x the time")
-            q.add_argument("--samples", type=int, default=200_000,
-                           help="pixels sampled to fit k-means (default 200000)")
-            q.add_argument("--seed", type=int, default=0, help="random seed for sampling and k-means")
-            q.add_argument("--mask", help="fit k-means only on pixels inside this mask (e.g. the cell mask)")
-
-    p = sub.add_parser("segment", help="label every voxel by k-means on pixel embeddings (streaming)",
-                       description="Embed every pixel with the pre-trained encoder (cover-and-stride), fit "
-                                   "k-means on a random sample, and write labels to a Zarr group, tile by tile "
-                                   "in bounded memory. Interrupted runs resume. Example: micromae segment "
-                                   "--checkpoint runs/demo/pretrain/checkpoints/last.pt --input cell.tif "
-                                   "--axes ZYX --output seg.zarr --k 6")
-    inference_options(p)
-    p.add_argument("--output", required=True, help="output Zarr group (e.g. seg.zarr)")
-    p.add_argument("--k", type=int, default=6, help="number of clusters (default 6)")
-    p.add_argument("--centres", help="reuse centres from micromae cluster (.npz) instead of fitting")
-    p.add_argument("--sweep", help="also write labels_k<K> for these k, e.g. 4..10 (no extra encoder passes)")
-    p.add_argument("--pca", type=int, default=0, metavar="D", help="also write D PCA components of the features")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.set_defaults(func=cmd_segment)
-
-    p = sub.add_parser("cluster", help="fit k-means centres on sampled pixel embeddings",
-                       description="Fit k-means on exact embeddings of randomly sampled pixels and save the "
-                                   "centres (.npz with metadata) to label new data with micromae segment "
-                                   "--centres, without refitting.")
-    inference_options(p)
-    p.add_argument("--output", required=True, help="centres file (.npz)")
-    p.add_argument("--k", type=int, default=6, help="number of clusters (default 6)")
-    p.set_defaults(func=cmd_cluster)
-
-    p = sub.add_parser("embed", help="write exact pixel embeddings of some slices",
-                       description="Exact pixel embeddings (D, S, H, W) of Z slices of the input, to .npy, "
-                                   ".zarr or .tif. For whole volumes use micromae segment (--pca to keep "
-                                   "reduced features).")
-    inference_options(p, volume=False)
-    p.add_argument("--output", required=True, help="output file (.npy, .zarr, .tif)")
-    p.add_argument("--slices", help="Z slices, e.g. 0..9 or 3,7 (default all)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.set_defaults(func=cmd_embed)
+    cli_segment.register(sub)
 
     p = sub.add_parser("evaluate", help="score results against references")
     ev = p.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -401,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="report folder")
     q.set_defaults(func=cmd_evaluate)
 
-    from micromae import cli_classify, cli_instances
-
     cli_classify.register(sub, ev)
     cli_instances.register(sub, ev)
 
@@ -415,14 +279,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", type=int, default=1, choices=(1, 2), help="DAMA branch (default 1)")
     p.set_defaults(func=cmd_export_encoder)
 
-    p = sub.add_parser("config-keys", help="every config key with its default")
+    p = sub.add_parser("config-keys", help="every config key with its default",
+                       description="Every dotted key a config of TASK accepts, with its default.")
+    p.add_argument("task", nargs="?", default="pretrain", choices=tuple(TASK_CONFIGS),
+                   help="pretrain (default) or a fine-tuning task: " + ", ".join(FINETUNE_TASKS))
     p.set_defaults(func=cmd_config_keys)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` where ``key=value`` overrides may also follow the options.
+
+    argparse takes a verb's positionals (config, overrides) in one run, so a word after an option is left over;
+    for a verb with ``overrides`` such words are appended to them in order (``parse_intermixed_args`` does not
+    work with sub-parsers). Anything else left over is refused with argparse's usual message.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "overrides") and not any(x.startswith("-") for x in extras):
+        args.overrides = [*(args.overrides or []), *extras]
+        extras = []
+    if extras:
+        parser.error("unrecognized arguments: " + " ".join(extras))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except MicromaeInputError as exc:

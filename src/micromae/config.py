@@ -14,6 +14,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
@@ -321,3 +322,42 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def config_keys(cls: type = PretrainConfig) -> list[str]:
     """Every dotted key a config of type ``cls`` accepts."""
     return _valid_keys(cls)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets: the YAML files shipped in micromae/configs, and the fine-tuning task a YAML names
+
+PRESET_DIR = "configs"
+FINETUNE_TASKS = ("segmentation", "classification", "instances")
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets (``maester_tiny``, ``dama_brain``, ...), sorted."""
+    folder = resources.files("micromae") / PRESET_DIR
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped preset (``maester_tiny`` or ``maester_tiny.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    bundled = resources.files("micromae") / PRESET_DIR / f"{stem}.yaml"
+    if bundled.is_file():
+        return Path(str(bundled))
+    raise input_error("config", "a YAML file or a preset name", repr(name_or_path),
+                      "Presets: " + ", ".join(list_presets()))
+
+
+def finetune_task(path: str | Path) -> str:
+    """The ``task`` key of a fine-tuning YAML (default ``segmentation``): which trainer runs it."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise input_error(f"config '{path}'", "valid YAML", f"a parse error ({exc})", "Fix the file") from exc
+    task = data.get("task", "segmentation") if isinstance(data, dict) else "segmentation"
+    if task not in FINETUNE_TASKS:
+        raise input_error(f"config '{path}' task", f"one of {list(FINETUNE_TASKS)}", repr(task),
+                          "Set task: classification (cell types), instances (Mask R-CNN) or segmentation")
+    return task

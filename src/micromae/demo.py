@@ -12,18 +12,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from micromae.config import PretrainConfig, load_config
-from micromae.train.log import say
+from micromae.config import PretrainConfig, load_config, resolve_config
+from micromae.data.synthetic_em import make_em_volume, write_em_volume
+from micromae.evaluate.segmentation import run_evaluate_segmentation
+from micromae.runtime import say
+from micromae.segment.pipeline import run_segment
+from micromae.train.pretrain import run_pretrain
 
 
 def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", k: int = 6,
              sweep: tuple[int, ...] = (4, 5, 7, 8, 9, 10), samples: int = 20_000, segment: bool = True,
              overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
     """Run the demo into ``out``; returns the paths of what it wrote. ``overrides``: config key=value pairs."""
-    from micromae.cli import resolve_config
-    from micromae.data.synthetic_em import make_em_volume, write_em_volume
-    from micromae.train.pretrain import run_pretrain
-
     t0 = time.time()
     out = Path(out)
     cfg: PretrainConfig = load_config(resolve_config(preset), PretrainConfig, list(overrides))
@@ -55,9 +55,6 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", 
 
 def _segment_and_evaluate(out: Path, checkpoint: Path, data_dir: Path, k: int, sweep: tuple[int, ...],
                           samples: int) -> dict[str, Path]:
-    from micromae.evaluate.segmentation import run_evaluate_segmentation
-    from micromae.segment.pipeline import run_segment
-
     seg = out / "segmentation.zarr"
     if not seg.exists():
         run_segment(checkpoint, data_dir / "image.tif", seg, k=k, sweep=sweep, n_samples=samples,

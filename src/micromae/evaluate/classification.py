@@ -29,8 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from micromae.config import apply_overrides, resolve_config
 from micromae.errors import input_error
+from micromae.evaluate.probe import checkpoint_normalize, extract_features, knn_probe, linear_probe
+from micromae.evaluate.report import markdown_table
+from micromae.figures import plt, save_figure
 from micromae.io import atomic_path
+from micromae.runtime import resolve_device, say
+from micromae.train.classify import build_encoder, check_channels, load_classify_config, run_classify_finetune
+from micromae.train.classify_data import load_labelled_crops
 
 __all__ = ["METHODS", "stratified_splits", "fraction_subset", "summarize", "plot_data_efficiency",
            "run_evaluate_classification"]
@@ -96,8 +103,6 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_data_efficiency(summary: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """Accuracy against the share of training data (%), one line per encoder and method, ± std error bars."""
-    from micromae.evaluate.figures import plt, save_figure
-
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     lines: dict[tuple[str, str], list] = {}
     for r in summary:
@@ -122,8 +127,6 @@ def plot_data_efficiency(summary: Sequence[Mapping[str, Any]], path: str | Path,
 
 
 def _markdown(summary: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
-    from micromae.evaluate.report import markdown_table
-
     rows = [{"encoder": r["encoder"], "method": r["method"], "train share": f"{100 * r['fraction']:g}%",
              "train crops": r["n_train"], "folds": r["folds"],
              "accuracy": f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}", "error": f"{r['error_mean']:.3f}",
@@ -145,9 +148,6 @@ class _Protocol:
     """State of one evaluation: config, crops per input side, finished records."""
 
     def __init__(self, config: str, overrides: Sequence[str], root: str | Path, out: Path, device: str) -> None:
-        from micromae.cli import resolve_config
-        from micromae.train.classify import load_classify_config
-
         self.out, self.device = out, device
         self.base = load_classify_config(resolve_config(config), [*overrides, f"data.root={root}",
                                                                   f"train.device={device}"])
@@ -156,19 +156,13 @@ class _Protocol:
         self.records = [json.loads(x) for x in self.log.read_text().splitlines() if x] if self.log.is_file() else []
 
     def cfg_for(self, init: str, branch: int):
-        from micromae.config import apply_overrides
-
         return apply_overrides(self.base, [f"init={init}", f"init_branch={branch}"])
 
     def encoder(self, init: str, branch: int):
-        from micromae.train.classify import build_encoder
-
         torch.manual_seed(self.base.train.seed)
         return build_encoder(self.cfg_for(init, branch))[0]
 
     def crops_at(self, size: int):
-        from micromae.train.classify_data import load_labelled_crops
-
         if size not in self.crops:
             d = self.base.data
             self.crops[size] = load_labelled_crops(d.root, size, d.axes, d.channels, d.classes, d.normalize,
@@ -177,9 +171,6 @@ class _Protocol:
 
     def warn_normalize(self, name: str, init: str) -> None:
         """Say so when the crops are scaled otherwise than the encoder's pre-training images were."""
-        from micromae.evaluate.probe import checkpoint_normalize
-        from micromae.train.log import say
-
         d = self.base.data
         if init != "random" and checkpoint_normalize(init)[0] != d.normalize:
             say(f"warning: encoder '{name}' was trained with data.normalize={checkpoint_normalize(init)[0]}, the "
@@ -194,9 +185,6 @@ class _Protocol:
 
     def finetune(self, init: str, branch: int, crops: Any, train: np.ndarray, test: np.ndarray, run_dir: Path,
                  keep_checkpoints: bool) -> float:
-        from micromae.config import apply_overrides
-        from micromae.train.classify import run_classify_finetune
-
         cfg = self.cfg_for(init, branch)
         batch = min(cfg.train.batch_size, len(train) - len(train) % 2)
         cfg = apply_overrides(cfg, [f"train.batch_size={batch}"])
@@ -217,10 +205,6 @@ def run_evaluate_classification(checkpoints: Mapping[str, str], root: str | Path
     """Run the protocol (module docstring) for ``{name: checkpoint | .safetensors | "random"}`` on the crops of
     ``root/<class>/*.tif``; the fine-tuning recipe is ``config`` (path or preset) with ``overrides``.
     Returns ``{"settings", "summary", "records"}`` (also in ``out/results.json``)."""
-    from micromae.evaluate.probe import extract_features, knn_probe, linear_probe
-    from micromae.train.classify import check_channels
-    from micromae.train.distributed import resolve_device
-
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods or not checkpoints:
         raise input_error("methods / checkpoints", f"methods among {METHODS} and at least one checkpoint",

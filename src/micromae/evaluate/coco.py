@@ -33,7 +33,13 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
+from micromae.data.coco import CocoInstanceDataset, check_coco, read_coco_json, segmentation_rle
 from micromae.errors import input_error
+from micromae.evaluate.report import markdown_table
+from micromae.figures import plt, save_figure
+from micromae.io import write_files_atomically
+from micromae.runtime import resolve_device
+from micromae.train.maskrcnn import load_maskrcnn_model
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
@@ -134,8 +140,6 @@ def predict_coco(model: torch.nn.Module, dataset: Any, category_ids: list[int], 
 
 def load_coco_gt(gt: str | Path | dict) -> COCO:
     """Ground truth as a pycocotools COCO, quietly; missing ``iscrowd``/``area``/``bbox`` are filled in."""
-    from micromae.data.coco import check_coco, read_coco_json, segmentation_rle
-
     data = check_coco(copy.deepcopy(gt)) if isinstance(gt, dict) else read_coco_json(gt)
     sizes = {im["id"]: (im.get("height"), im.get("width")) for im in data["images"]}
     if any(None in s for s in sizes.values()):
@@ -226,8 +230,6 @@ def _evaluate_one(coco_gt: COCO, dets: list[dict], iou_type: str, max_dets: int)
 
 def plot_pr_curves(metrics: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Precision-recall curves (IoU 0.5 and 0.75) of every IoU type in ``metrics`` as one PNG."""
-    from micromae.evaluate.figures import plt, save_figure
-
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     for ax, (iou_type, m) in zip(axes[0], metrics.items()):
         c = m["curves"]
@@ -249,8 +251,6 @@ def plot_pr_curves(metrics: dict[str, dict[str, Any]], path: str | Path, title: 
 
 
 def _report(metrics: dict[str, dict[str, Any]], source: str, coco: str) -> str:
-    from micromae.evaluate.report import markdown_table
-
     rows = [[("box" if t == "bbox" else "mask"), m["mAP"], m["mAP50"], m["mAP75"], m["detections"]]
             for t, m in metrics.items()]
     lines = ["# Instance segmentation", "", f"- predictions: {source}", f"- ground truth: {coco}", "",
@@ -270,18 +270,12 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
     write ``out/``: ``predictions.json`` (when predicted), ``metrics.json``, ``report.md``, ``pr_curves.png``.
     ``inference``: ``whole`` or ``tiles`` (default: the run's config). Images are scaled to [0, 1] as in
     training (the checkpoint's ``data.normalize`` / ``data.percentiles``). Returns :func:`coco_evaluate`'s dict."""
-    from micromae.io import write_files_atomically
-
     if (checkpoint is None) == (predictions is None):
         raise input_error("evaluate instances", "either --checkpoint or --predictions",
                           "both" if checkpoint else "neither", "Pass a checkpoint to predict, or a results JSON")
     gt = load_coco_gt(coco)
     texts: dict[str, str] = {}
     if checkpoint is not None:
-        from micromae.data.coco import CocoInstanceDataset
-        from micromae.train.distributed import resolve_device
-        from micromae.train.maskrcnn import load_maskrcnn_model
-
         model, cfg = load_maskrcnn_model(checkpoint, resolve_device(device))
         model.roi_heads.detections_per_img = max(int(max_dets), model.roi_heads.detections_per_img)
         dataset = CocoInstanceDataset(coco, image_root=image_root, axes=axes, crop_size=cfg.data.crop_size,

@@ -222,7 +222,7 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
     """
     from micromae.evaluate.classification import stratified_splits
     from micromae.evaluate.report import markdown_table
-    from micromae.train.distributed import resolve_device
+    from micromae.runtime import resolve_device
 
     if not isinstance(checkpoints, Mapping):
         checkpoints = {("random init" if p == "random" else Path(p).stem): str(p) for p in checkpoints}

@@ -12,18 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.patches import Patch
+from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+from skimage.measure import block_reduce, marching_cubes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from mpl_toolkits.mplot3d.art3d import Poly3DCollection  # noqa: E402
-from skimage.measure import block_reduce, marching_cubes  # noqa: E402
-
-from micromae.errors import input_error  # noqa: E402
-from micromae.evaluate.figures import save_figure  # noqa: E402
-from micromae.evaluate.seg_figures import class_colors  # noqa: E402
+from micromae.errors import input_error
+from micromae.evaluate.seg_figures import class_colors
+from micromae.figures import plt, save_figure
 
 
 def class_fraction(labels: Any, cls: int, factor: int, slab: int = 64) -> np.ndarray:

@@ -9,15 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from micromae.errors import input_error  # noqa: E402
-from micromae.evaluate.figures import save_figure  # noqa: E402
+from micromae.errors import input_error
+from micromae.figures import plt, save_figure
 
 UNASSIGNED_COLOR = (0.6, 0.6, 0.6, 1.0)
 

@@ -20,7 +20,7 @@ from micromae.evaluate.render3d import render_volume_surfaces
 from micromae.evaluate.report import write_segmentation_report
 from micromae.evaluate.seg_figures import plot_confusion, plot_k_sweep, plot_overlays, plot_umap
 from micromae.io import open_volume
-from micromae.train.log import say
+from micromae.runtime import say
 
 
 def open_prediction(path: str | Path) -> tuple[dict[int | str, Any], zarr.Group | None]:

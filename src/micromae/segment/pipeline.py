@@ -21,9 +21,8 @@ from micromae.segment.cover_stride import embed_pixels_region
 from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
+from micromae.runtime import resolve_device, say
 from micromae.train.checkpoint import load_pretrained_encoder
-from micromae.train.distributed import resolve_device
-from micromae.train.log import say
 
 
 def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None) -> Any:

@@ -15,58 +15,24 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from micromae.errors import input_error  # noqa: E402
-from micromae.evaluate.figures import save_figure  # noqa: E402
-from micromae.models.adaptive_masking import random_ids_keep  # noqa: E402
-from micromae.models.dama import DAMA, ema_momentum, ema_update, feature_loss, regression_target  # noqa: E402
-from micromae.models.mae import MaskedAutoencoder  # noqa: E402
-from micromae.models.masking import mask_from_ids_keep, num_kept  # noqa: E402
-from micromae.models.vit import ViTEncoder, init_mae_weights  # noqa: E402
-from micromae.train.engine import Objective  # noqa: E402
-from micromae.train.objectives import MAEObjective, _unwrap  # noqa: E402
+from micromae.errors import input_error
+from micromae.figures import channels_to_rgb, display_scale, plt, save_figure
+from micromae.models.adaptive_masking import random_ids_keep
+from micromae.models.dama import DAMA, ema_momentum, ema_update, feature_loss, regression_target
+from micromae.models.mae import MaskedAutoencoder
+from micromae.models.masking import mask_from_ids_keep, num_kept
+from micromae.models.vit import ViTEncoder, init_mae_weights
+from micromae.train.engine import Objective
+from micromae.train.objectives import MAEObjective, _unwrap
 
 __all__ = ["DAMAObjective", "Data2Vec", "Data2VecObjective", "build_dama_comparison_objective",
            "channels_to_rgb", "display_scale", "OBJECTIVES"]
 
 OBJECTIVES = ("mae", "dama", "data2vec")
-# display colour of channel i (R, G, B): blue, green, red, yellow, magenta, cyan, orange, then grey
-_PALETTE = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]], np.float32)
-
-
-def _composite(img: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` -> unclipped ``(H, W, 3)``: each channel times its display colour, summed."""
-    img = np.asarray(img, np.float32)
-    c = img.shape[0]
-    if c == 1:
-        colours = np.ones((1, 3), np.float32)
-    elif c <= 3:
-        colours = np.eye(3, dtype=np.float32)[:c]
-    else:
-        colours = np.concatenate([_PALETTE, np.full((max(0, c - len(_PALETTE)), 3), 0.5, np.float32)])[:c]
-    return np.einsum("chw,ck->hwk", img, colours)
-
-
-def channels_to_rgb(img: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """``(C, H, W)`` -> ``(H, W, 3)`` in [0, 1]: grey for one channel, R, G, B for up to three, else a fixed
-    colour per channel (DAPI blue, then green, red, yellow, magenta, cyan, orange, grey), summed; the composite
-    is divided by ``scale`` and clipped."""
-    return np.clip(_composite(img) / scale, 0, 1)
-
-
-def display_scale(img: np.ndarray) -> float:
-    """``scale`` for :func:`channels_to_rgb` so that a composite of many channels does not saturate: its
-    99.5th percentile; 1 for up to three channels (shown as they are)."""
-    if np.asarray(img).shape[0] <= 3:
-        return 1.0
-    return max(float(np.quantile(_composite(img), 0.995)), 1e-6)
 
 
 def _pixels(model: MaskedAutoencoder, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

@@ -280,7 +280,7 @@ class InstanceObjective(Objective):
         """First channel of up to 4 crops with the true boxes (green) and detections scoring > 0.5 (red)."""
         from matplotlib.patches import Rectangle
 
-        from micromae.evaluate.figures import plt, save_figure
+        from micromae.figures import plt, save_figure
 
         model = self.model.module if hasattr(self.model, "module") else self.model
         was_training = model.training

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from micromae.evaluate.figures import plot_reconstructions
+from micromae.figures import plot_reconstructions
 from micromae.runtime import unwrap
 from micromae.train.engine import Objective
 

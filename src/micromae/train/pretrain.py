@@ -15,7 +15,7 @@ from micromae.models import MaskedAutoencoder
 from micromae.train.checkpoint import find_resume_checkpoint
 from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
 from micromae.train.engine import TrainResult, train
-from micromae.evaluate.figures import plot_loss_curves
+from micromae.figures import plot_loss_curves
 from micromae.train.log import read_log, say
 from micromae.train.dama_objectives import build_dama_comparison_objective
 from micromae.train.engine import Objective

@@ -304,7 +304,7 @@ class SegmentationObjective(Objective):
 
     @torch.no_grad()
     def save_figure(self, batch: Any, path: Path) -> None:
-        from micromae.evaluate.figures import plt, save_figure
+        from micromae.figures import plt, save_figure
 
         model = self.model.module if hasattr(self.model, "module") else self.model
         was_training = model.training

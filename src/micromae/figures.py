@@ -1,16 +1,51 @@
-"""Figures people look at, as PNG (matplotlib, Agg backend: works without a screen)."""
+"""Figures as PNG, one place for matplotlib: the Agg backend (works without a screen) is selected here once,
+before ``pyplot`` is imported. Training, segmentation and evaluation take ``plt``, :func:`save_figure` and the
+plot helpers from this module, and :func:`channels_to_rgb` to show multi-channel images in colour."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from micromae.io import atomic_path
 
-from micromae.io import atomic_path  # noqa: E402
+matplotlib.use("Agg")  # pyplot picks its backend lazily, at the first figure: this switch comes in time
+
+__all__ = ["plt", "save_figure", "plot_reconstructions", "plot_loss_curves", "channels_to_rgb", "display_scale"]
+
+# display colour of channel i (R, G, B): blue, green, red, yellow, magenta, cyan, orange, then grey
+_PALETTE = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]], np.float32)
+
+
+def _composite(img: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> unclipped ``(H, W, 3)``: each channel times its display colour, summed."""
+    img = np.asarray(img, np.float32)
+    c = img.shape[0]
+    if c == 1:
+        colours = np.ones((1, 3), np.float32)
+    elif c <= 3:
+        colours = np.eye(3, dtype=np.float32)[:c]
+    else:
+        colours = np.concatenate([_PALETTE, np.full((max(0, c - len(_PALETTE)), 3), 0.5, np.float32)])[:c]
+    return np.einsum("chw,ck->hwk", img, colours)
+
+
+def channels_to_rgb(img: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W, 3)`` in [0, 1]: grey for one channel, R, G, B for up to three, else a fixed
+    colour per channel (DAPI blue, then green, red, yellow, magenta, cyan, orange, grey), summed; the composite
+    is divided by ``scale`` and clipped."""
+    return np.clip(_composite(img) / scale, 0, 1)
+
+
+def display_scale(img: np.ndarray) -> float:
+    """``scale`` for :func:`channels_to_rgb` so that a composite of many channels does not saturate: its
+    99.5th percentile; 1 for up to three channels (shown as they are)."""
+    if np.asarray(img).shape[0] <= 3:
+        return 1.0
+    return max(float(np.quantile(_composite(img), 0.995)), 1e-6)
 
 
 def _to_display(img: np.ndarray) -> np.ndarray:
