@@ -51,13 +51,85 @@ def test_config_keys_prints_defaults(capsys):
     assert "model.pos_embed_weight = 0.08" in out and "train.steps = " in out
 
 
-@pytest.mark.parametrize("verb", [["info"], ["pretrain"], ["demo"], ["data", "synth-em"], ["config-keys"],
-                                  ["segment"], ["cluster"], ["embed"], ["evaluate", "segmentation"], ["finetune"]])
+def _verbs(parser, prefix=()):
+    """Every verb of ``parser`` as an argv prefix, sub-parsers of sub-parsers included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [*prefix, name]
+                yield from _verbs(sub, (*prefix, name))
+
+
+def test_help_walk_finds_every_verb():
+    verbs = {" ".join(v) for v in _verbs(build_parser())}
+    assert {"info", "pretrain", "finetune", "segment", "cluster", "embed", "probe", "config-keys",
+            "data synth-em", "evaluate segmentation", "evaluate classification", "evaluate instances"} <= verbs
+
+
+@pytest.mark.parametrize("verb", list(_verbs(build_parser())), ids=" ".join)
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*verb, "--help"])
     assert exit_.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("before, after", [
+    (["pretrain", "maester_tiny", "train.steps=100", "model.depth=2", "--run-dir", "runs/x", "--stop-after", "3"],
+     ["pretrain", "maester_tiny", "--run-dir", "runs/x", "train.steps=100", "--stop-after", "3", "model.depth=2"]),
+    (["finetune", "segmenter_tiny", "train.steps=2", "--run-dir", "r", "--resume", "auto"],
+     ["finetune", "--run-dir", "r", "segmenter_tiny", "--resume", "auto", "train.steps=2"]),
+    (["evaluate", "classification", "train.epochs=5", "train.batch_size=4", "--checkpoint", "random", "--data",
+      "cells", "--out", "o"],
+     ["evaluate", "classification", "--checkpoint", "random", "train.epochs=5", "--data", "cells", "--out", "o",
+      "train.batch_size=4"]),
+])
+def test_overrides_and_options_mix_in_any_order(before, after):
+    from micromae.cli import parse_args
+
+    parser = build_parser()
+    first, second = parse_args(parser, before), parse_args(parser, after)
+    assert vars(first) == vars(second)
+    assert first.overrides == [w for w in before if "=" in w]
+
+
+def test_words_left_over_keep_argparses_message(capsys):
+    from micromae.cli import parse_args
+
+    for argv in (["pretrain", "maester_tiny", "--run-dir", "x", "--bogus"], ["info", "train.steps=3"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(build_parser(), argv)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, needle", [("segmentation", "labels.partial = "), ("classification", "init = "),
+                                          ("instances", "task = 'instances'"), ("pretrain", "dama.K = ")])
+def test_config_keys_of_every_task(task, needle, capsys):
+    assert main(["config-keys", task]) == 0
+    assert needle in capsys.readouterr().out
+
+
+def test_embed_writes_pixel_embeddings(tmp_path, capsys):
+    from micromae.config import PretrainConfig, apply_overrides
+    from micromae.train.pretrain import run_pretrain
+
+    cfg = apply_overrides(PretrainConfig(), [
+        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
+        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=1", "train.figure_every=0",
+        "train.device=cpu"])
+    run_pretrain(cfg, tmp_path / "run")
+    image = tmp_path / "image.npy"
+    np.save(image, make_em_volume(shape=(8, 32, 36), seed=1).image[:3])
+    out = tmp_path / "emb.npy"
+    assert main(["embed", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--input", str(image),
+                 "--axes", "ZYX", "--output", str(out), "--slices", "0,2", "--mode", "fast", "--device", "cpu"]) == 0
+    emb = np.load(out)
+    assert emb.shape == (16, 2, 32, 36) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert "wrote pixel embeddings" in capsys.readouterr().out
 
 
 def test_missing_preset_names_the_presets(capsys):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from micromae.cli import list_presets, resolve_config
-from micromae.config import PretrainConfig, apply_overrides, config_keys, from_dict, load_config, save_config
+from micromae.config import (PretrainConfig, apply_overrides, config_keys, from_dict, list_presets, load_config,
+                             resolve_config, save_config)
 from micromae.errors import MicromaeInputError
 
 
@@ -68,7 +68,7 @@ def test_paper_preset_has_the_papers_numbers():
 
 
 def test_every_preset_loads():
-    from micromae.cli import finetune_task
+    from micromae.config import finetune_task
     from micromae.train.classify import ClassifyConfig, load_classify_config
     from micromae.train.maskrcnn import MaskRCNNConfig, load_maskrcnn_config
     from micromae.train.seg_finetune import SegFinetuneConfig, load_seg_finetune_config
@@ -94,6 +94,24 @@ def test_config_keys_are_dotted_and_complete():
     keys = config_keys()
     assert "train.steps" in keys and "model.pos_embed_weight" in keys and "data.planes" in keys
     assert "name" in keys and not any(k.endswith(".") for k in keys)
+
+
+@pytest.mark.parametrize("task", ["pretrain", "segmentation", "classification", "instances"])
+def test_every_tasks_keys_are_dotted_complete_and_overridable(task):
+    """Every key of every task's config has a default and takes an override of that default."""
+    from micromae.cli import TASK_CONFIGS, task_config_class
+    from micromae.config import FINETUNE_TASKS, to_dict
+
+    assert set(TASK_CONFIGS) == {"pretrain", *FINETUNE_TASKS}
+    cls = task_config_class(task)
+    keys, defaults = config_keys(cls), to_dict(cls())
+    assert "name" in keys and "train.seed" in keys and not any(k.endswith(".") for k in keys)
+    for key in keys:
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        assert to_dict(apply_overrides(cls(), [f"{key}={yaml.safe_dump(node, default_flow_style=True).strip()}"
+                                              .replace("\n...", "")])) == defaults, key
 
 
 def test_dama_paper_preset_has_the_papers_numbers():
