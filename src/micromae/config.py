@@ -16,11 +16,16 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from micromae.errors import MicromaeInputError, input_error
+
+
+# string fields that take one of a fixed set of values: the coercer checks them (one place for every config)
+Normalize = Literal["dtype", "minmax", "percentile", "channel_stats"]  # channel_stats: multi-channel folders only
+Amp = Literal["auto", "bf16", "off"]  # auto: bf16 on CUDA
 
 
 @dataclass
@@ -70,10 +75,10 @@ class DataConfig:
     synthetic_seed: int = 0
     planes: list[str] = field(default_factory=lambda: ["YX", "ZX", "ZY"])
     pad: int = 4
-    pad_mode: str = "constant"
+    pad_mode: Literal["constant", "reflect"] = "constant"
     min_crop_frac: float = 0.5
     flip_p: float = 0.5
-    normalize: str = "dtype"  # dtype | minmax | percentile
+    normalize: Normalize = "dtype"
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     num_workers: int = 0
     n_images: int = 16  # synthetic_mif: how many images (each synthetic_shape[-2:] pixels)
@@ -85,13 +90,13 @@ class DamaConfig:
     """DAMA's second branch, adaptive mask and feature regression (DAMA.md §1); used when objective=dama
     (``K``, ``beta`` and ``ema_momentum`` also by objective=data2vec)."""
 
-    config: str = "student1-student2"  # student1-student2 | shared | ema
-    masking: str = "adaptive"  # adaptive | random_overlap (DAMA-rand)
+    config: Literal["student1-student2", "shared", "ema"] = "student1-student2"
+    masking: Literal["adaptive", "random_overlap"] = "adaptive"  # random_overlap: DAMA-rand
     overlap_ratio: float = 0.5  # 0: adaptive without overlap
     K: int = 6  # top blocks averaged into the regression target
     beta: float = 2.0  # smooth-L1 beta
     alpha: float = 1.0  # weight of the feature loss
-    pairing: str = "position"  # position | index (the public code's i-th with i-th visible token)
+    pairing: Literal["position", "index"] = "position"  # index: the public code's i-th with i-th visible token
     target_softmax: bool = False  # the public code's softmax on both sides
     stop_grad_target: bool | None = None  # None: true for ema, false for two students
     ema_momentum: float = 0.996  # cosine-scheduled to 1 over the run
@@ -108,12 +113,12 @@ class TrainConfig:
     weight_decay: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     no_decay_bias_norm: bool = False  # exclude biases, norms and tokens from weight decay
-    schedule: str = "constant"  # constant | cosine (linear warm-up, then cosine to min_lr)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: linear warm-up, then cosine to min_lr
     warmup_steps: int = 0
     min_lr: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     accum_steps: int = 1  # micro-batches per optimiser step
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    amp: Amp = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 0
     log_every: int = 10
@@ -127,7 +132,7 @@ class PretrainConfig:
     """One pre-training run."""
 
     name: str = "maester"
-    objective: str = "mae"  # mae | dama | data2vec
+    objective: Literal["mae", "dama", "data2vec"] = "mae"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -136,19 +141,6 @@ class PretrainConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checking
-
-# string fields that take one of a fixed set of values
-CHOICES: dict[str, tuple[str, ...]] = {
-    "objective": ("mae", "dama", "data2vec"),
-    "dama.config": ("student1-student2", "shared", "ema"),
-    "dama.masking": ("adaptive", "random_overlap"),
-    "dama.pairing": ("position", "index"),
-    "data.pad_mode": ("constant", "reflect"),
-    "data.normalize": ("dtype", "minmax", "percentile", "channel_stats"),  # channel_stats: multi-channel folders only
-    "train.schedule": ("constant", "cosine"),
-    "train.amp": ("auto", "bf16", "off"),
-}
-
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
@@ -169,6 +161,14 @@ def _type_name(t: Any) -> str:
 def _coerce(value: Any, t: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``t`` and return it converted (int → float, tuple → list)."""
     origin = typing.get_origin(t)
+    if origin is Literal:
+        allowed = typing.get_args(t)
+        if not all(isinstance(a, type(value)) for a in allowed):
+            raise _type_error(key, type(allowed[0]), value)
+        if value not in allowed:
+            raise input_error(f"config key '{key}'", "one of " + ", ".join(map(str, allowed)), repr(value),
+                              "Pick one of the listed values")
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(t)
         if value is None and type(None) in args:
@@ -239,12 +239,6 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
             kwargs[name] = from_dict(t, value, prefix + name + ".")
         else:
             kwargs[name] = _coerce(value, t, prefix + name)
-            allowed = CHOICES.get(prefix + name)
-            if allowed and kwargs[name] not in allowed:
-                raise input_error(
-                    f"config key '{prefix + name}'", "one of " + ", ".join(allowed), repr(kwargs[name]),
-                    "Pick one of the listed values",
-                )
     return cls(**kwargs)
 
 

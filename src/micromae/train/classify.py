@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from micromae.config import TrainConfig, from_dict, load_config, save_config, to_dict
+from micromae.config import Amp, Normalize, TrainConfig, from_dict, load_config, save_config, to_dict
 from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
@@ -78,7 +78,7 @@ class ClassifyDataConfig:
     train_files: list[str] = field(default_factory=list)
     test_files: list[str] = field(default_factory=list)
     augment: bool = True  # random 90° rotations and flips
-    normalize: str = "dtype"  # dtype | minmax | percentile | channel_stats
+    normalize: Normalize = "dtype"
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
 
 
@@ -105,7 +105,7 @@ class ClassifyTrainConfig:
     mixup_switch_prob: float = 0.5  # chance cutmix is used instead of mixup when both are on
     smoothing: float = 0.1
     grad_clip: float = 0.0
-    amp: str = "auto"
+    amp: Amp = "auto"
     device: str = "auto"
     seed: int = 0
     log_every: int = 10

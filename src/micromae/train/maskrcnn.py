@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from micromae.config import ModelConfig, TrainConfig, from_dict, load_config, save_config, to_dict
+from micromae.config import ModelConfig, Normalize, TrainConfig, from_dict, load_config, save_config, to_dict
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
@@ -59,7 +59,7 @@ class InstanceDataConfig:
     crop_size: int = 128
     scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     flip: bool = True
-    normalize: str = "dtype"  # dtype | minmax | percentile | channel_stats
+    normalize: Normalize = "dtype"
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
     num_workers: int = 0
     n_images: int = 8
