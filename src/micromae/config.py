@@ -5,7 +5,10 @@ a few top-level fields. Presets live in ``configs/*.yaml``. The CLI reads a pres
 
     micromae pretrain configs/maester_tiny.yaml train.steps=200 model.mask_ratio=0.6
 
-Unknown keys and values of the wrong type are rejected with the list of valid keys, never ignored.
+Unknown keys and values of the wrong type are rejected with the list of valid keys, never ignored; a
+``Literal[...]`` annotation lists a field's valid choices, and the coercer checks them for every config tree.
+Presets are found by :func:`resolve_config` (a path or a shipped preset name), and :func:`finetune_task`
+reads which trainer a fine-tuning YAML is for.
 """
 
 from __future__ import annotations
