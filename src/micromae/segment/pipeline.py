@@ -16,12 +16,12 @@ import zarr
 from micromae.data.normalize import intensity_range
 from micromae.errors import input_error
 from micromae.io import open_volume, write_array
+from micromae.runtime import resolve_device, say
 from micromae.segment.cluster import ClusterModel
 from micromae.segment.cover_stride import embed_pixels_region
 from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
-from micromae.runtime import resolve_device, say
 from micromae.train.checkpoint import load_pretrained_encoder
 
 
