@@ -17,7 +17,7 @@ compute the same function. The CLS row of the table is zero.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,11 @@ from micromae.errors import input_error
 from micromae.models.masking import gather_tokens
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
 
-__all__ = ["ViTEncoder", "vit_maester", "vit_tiny_test", "init_mae_weights", "check_positive"]
+__all__ = ["ENCODER_FIELDS", "ViTEncoder", "vit_maester", "vit_tiny_test", "init_mae_weights", "check_positive"]
+
+# the constructor arguments that fix an encoder's shape and function (drop_path_rate is a training setting)
+ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                  "pos_embed_weight")
 
 
 def check_positive(name: str, value: int) -> None:
@@ -100,6 +104,16 @@ class ViTEncoder(nn.Module):
                                 depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                 num_classes=0, global_pool="")
         self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> ViTEncoder:
+        """An encoder from a config (a dataclass such as ``ModelConfig``, or a dict) holding
+        :data:`ENCODER_FIELDS` and optionally ``drop_path_rate``; ``overrides`` win over the config."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        kw = {k: get(k) for k in ENCODER_FIELDS}
+        if get("drop_path_rate") is not None:
+            kw["drop_path_rate"] = get("drop_path_rate")
+        return cls(**{**kw, **overrides})
 
     def initialize_weights(self) -> None:
         """MAE init: xavier on the flattened patch-embed weight, CLS ~ N(0, 0.02), then Linear / LayerNorm."""
