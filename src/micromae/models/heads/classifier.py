@@ -1,4 +1,4 @@
-"""Cell-type classifier on a ViT encoder (MAE / DAMA fine-tuning recipe, DAMA.md §2).
+"""Cell-type classifier on a ViT encoder (the MAE / DAMA fine-tuning recipe).
 
 ``imgs (N, C, H, W)`` -> encoder blocks on all patches -> global average pool of the patch tokens (the CLS
 token is run through the blocks but left out of the pool) -> a new LayerNorm (``fc_norm``) -> a linear head
