@@ -233,10 +233,10 @@ def bench_tiny(rep: Reporter, plan: Plan, device: torch.device, out: Path) -> No
     from micromae.evaluate.metrics import evaluate_segmentation
     from micromae.segment.cluster import fit_kmeans
     from micromae.segment.fit import sample_pixel_embeddings
-    from micromae.train.checkpoint import load_pretrained_encoder
+    from micromae.models.pretrained import load_encoder
 
     ckpt, train_s, cfg = pretrained_tiny(plan, device, out)
-    encoder = load_pretrained_encoder(ckpt)[0].to(device).eval()
+    encoder = load_encoder(ckpt)[0].to(device).eval()
     em = make_em_volume(tuple(cfg.data.synthetic_shape), seed=cfg.data.synthetic_seed)
     rng = (0.0, 255.0)  # uint8, data.normalize = dtype as in pre-training
     log(f"k-means (k = {plan.k}) on {plan.samples} exact-mode samples inside the cell mask")

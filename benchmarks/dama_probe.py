@@ -48,7 +48,7 @@ from micromae.config import PretrainConfig, load_config
 from micromae.data.channel_norm import normalize_channels
 from micromae.data.synthetic_mif import CELL_TYPES, extract_cell_crops, make_mif_image
 from micromae.models import ViTEncoder
-from micromae.train.checkpoint import load_pretrained_encoder
+from micromae.models.pretrained import load_encoder
 from micromae.train.pretrain import build_model, run_pretrain
 
 METHODS = {
@@ -192,7 +192,7 @@ def pretrained_encoders(rep: Reporter, cfgs: dict[str, PretrainConfig], keep: Pa
     with contextlib.ExitStack() as stack:
         root = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dama_probe_")))
         checkpoints = {m: pretrain(rep, m, cfg, root / m) for m, cfg in cfgs.items()}
-        encoders = {m: load_pretrained_encoder(ckpt, branch=1)[0] for m, ckpt in checkpoints.items()}
+        encoders = {m: load_encoder(ckpt, branch=1)[0].eval() for m, ckpt in checkpoints.items()}
     base = next(iter(cfgs.values()))
     torch.manual_seed(base.train.seed)
     encoders["random init"] = build_model(base).encoder

@@ -79,11 +79,11 @@ def token_variance(checkpoint: Path | None, coco: Path, normalize: str = "dtype"
     pre-training size) of each token, averaged over tokens and channels (tokens have unit total variance)."""
     from micromae.data.coco import CocoInstanceDataset, instance_batches
     from micromae.models import ViTEncoder
-    from micromae.train.checkpoint import load_pretrained_encoder
+    from micromae.models.pretrained import load_encoder
 
     torch.manual_seed(0)
     encoder = (ViTEncoder(img_size=32, patch_size=4, in_chans=7, embed_dim=64, depth=4, num_heads=4,
-                          pos_embed_weight=1.0) if checkpoint is None else load_pretrained_encoder(checkpoint)[0])
+                          pos_embed_weight=1.0) if checkpoint is None else load_encoder(checkpoint)[0].eval())
     data = CocoInstanceDataset(coco, crop_size=32, scale_range=None, normalize=normalize, percentiles=percentiles)
     crops = next(instance_batches(data, 8, seed=0))[1][0]
     with torch.no_grad():

@@ -14,7 +14,7 @@ from micromae.errors import MicromaeInputError
 from micromae.evaluate import classification
 from micromae.evaluate.classification import fraction_subset, run_evaluate_classification, stratified_splits
 from micromae.models import ViTEncoder
-from micromae.models.heads.classifier import encoder_fields
+from micromae.models.pretrained import encoder_fields
 from micromae.train.checkpoint import save_checkpoint
 
 TINY = ["data.size=16", "model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",

@@ -22,8 +22,8 @@ from micromae.models.dama import (
     regression_target,
 )
 from micromae.models.masking import gather_tokens, mask_from_ids_keep
+from micromae.models.data2vec import Data2Vec
 from micromae.train.dama_objectives import (
-    Data2Vec,
     Data2VecObjective,
     DAMAObjective,
     build_dama_comparison_objective,

@@ -12,8 +12,9 @@ import torch
 from micromae.cli import main as cli_main
 from micromae.config import PretrainConfig, apply_overrides
 from micromae.errors import MicromaeInputError
-from micromae.train.checkpoint import load_checkpoint, load_pretrained_encoder
-from micromae.train.export import export_encoder, load_exported_encoder
+from micromae.models.pretrained import load_encoder
+from micromae.train.checkpoint import load_checkpoint
+from micromae.train.export import export_encoder
 from micromae.train.log import read_log
 from micromae.train.pretrain import run_pretrain
 
@@ -74,8 +75,8 @@ def test_export_either_branch_loads_into_timm(tmp_path):
         from safetensors.torch import load_file
 
         vit.load_state_dict(load_file(str(path)))
-        ours = load_exported_encoder(path)
-        enc, _, _ = load_pretrained_encoder(ckpt, branch=branch)
+        ours = load_encoder(path)[0].eval()
+        enc = load_encoder(ckpt, branch=branch)[0].eval()
         with torch.no_grad():
             assert torch.allclose(vit.forward_features(x), enc.forward_features(x), atol=1e-5)
             assert torch.allclose(ours.forward_features(x), enc.forward_features(x), atol=1e-6)

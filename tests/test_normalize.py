@@ -194,7 +194,7 @@ def test_classification_run_saves_the_choice_and_evaluation_reads_it(faint_folde
 def test_probe_reads_crops_as_the_checkpoint_was_trained(faint_folder, tmp_path, monkeypatch):
     import micromae.data.multichannel as mc
     from micromae.evaluate.probe import checkpoint_normalize, run_probe
-    from micromae.models.heads.classifier import encoder_fields
+    from micromae.models.pretrained import encoder_fields
     from micromae.models import ViTEncoder
     from micromae.train.checkpoint import save_checkpoint
 

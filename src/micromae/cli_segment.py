@@ -46,9 +46,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from micromae.segment.pipeline import fit_clusters, load_encoder, open_input_volume, volume_range
+    from micromae.segment.pipeline import encoder_on_device, fit_clusters, open_input_volume, volume_range
 
-    encoder, config, sha = load_encoder(args.checkpoint, args.device)
+    encoder, config, sha = encoder_on_device(args.checkpoint, args.device)
     volume = open_input_volume(args.input, args.axes, args.key)
     mask = None if args.mask is None else open_input_volume(args.mask)
     settings = _settings(args)

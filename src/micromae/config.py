@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from micromae.architectures import MAESTER
 from micromae.errors import MicromaeInputError, input_error
 
 
@@ -33,25 +34,26 @@ Amp = Literal["auto", "bf16", "off"]  # auto: bf16 on CUDA
 
 @dataclass
 class ModelConfig:
-    """The masked autoencoder. Defaults are MAESTER's (supplement Tables S1/S3, MAESTER.md §1)."""
+    """The masked autoencoder. Defaults are MAESTER's (``micromae.architectures.MAESTER``: supplement
+    Tables S1/S3 of the paper)."""
 
-    in_chans: int = 1
-    img_size: int = 80  # the field of view (FOV), pixels
-    patch_size: int = 5
-    embed_dim: int = 192
-    depth: int = 14
-    num_heads: int = 1
-    mlp_ratio: float = 2.0
-    qkv_bias: bool = True
-    pos_embed_weight: float = 0.08  # encoder adds the fixed sin-cos embedding times this weight
+    in_chans: int = MAESTER["in_chans"]
+    img_size: int = MAESTER["img_size"]  # the field of view (FOV), pixels
+    patch_size: int = MAESTER["patch_size"]
+    embed_dim: int = MAESTER["embed_dim"]
+    depth: int = MAESTER["depth"]
+    num_heads: int = MAESTER["num_heads"]
+    mlp_ratio: float = MAESTER["mlp_ratio"]
+    qkv_bias: bool = MAESTER["qkv_bias"]
+    pos_embed_weight: float = MAESTER["pos_embed_weight"]  # encoder adds the fixed sin-cos embedding times this
     drop_path_rate: float = 0.0
-    decoder_embed_dim: int = 128
-    decoder_depth: int = 7
-    decoder_num_heads: int = 8
-    decoder_mlp_ratio: float = 2.0
-    decoder_pos_embed_weight: float = 1.0
-    mask_ratio: float = 0.5
-    norm_pix_loss: bool = False
+    decoder_embed_dim: int = MAESTER["decoder_embed_dim"]
+    decoder_depth: int = MAESTER["decoder_depth"]
+    decoder_num_heads: int = MAESTER["decoder_num_heads"]
+    decoder_mlp_ratio: float = MAESTER["decoder_mlp_ratio"]
+    decoder_pos_embed_weight: float = MAESTER["decoder_pos_embed_weight"]
+    mask_ratio: float = MAESTER["mask_ratio"]
+    norm_pix_loss: bool = MAESTER["norm_pix_loss"]
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
+from micromae.models.pretrained import encoder_fields, load_checkpoint, load_encoder
 
 __all__ = ["extract_features", "linear_probe", "knn_predict", "knn_probe", "probe_encoders", "run_probe"]
 
@@ -159,10 +160,10 @@ def probe_encoders(checkpoints: Mapping[str, str], branch: int = 1, size: int | 
                    seed: int = 0) -> dict[str, ViTEncoder]:
     """``{name: frozen encoder}`` for ``{name: checkpoint | .safetensors | "random"}``. A random encoder
     (seeded) takes the shape of the first real one, else the ``classify_tiny`` shape with ``in_chans``."""
-    from micromae.models.heads.classifier import encoder_fields, load_encoder
     from micromae.train.classify import EncoderConfig
 
-    encoders = {n: load_encoder(p, branch=branch, img_size=size)[0] for n, p in checkpoints.items() if p != "random"}
+    encoders = {n: load_encoder(p, branch=branch, img_size=size, pos_embed="interpolate")[0]
+                for n, p in checkpoints.items() if p != "random"}
     first = next(iter(encoders.values()), None)
     fields = encoder_fields(first) if first is not None else {**vars(EncoderConfig()), "in_chans": in_chans}
     for name, path in checkpoints.items():
@@ -182,8 +183,6 @@ def checkpoint_normalize(path: str | Path) -> tuple[str, tuple[float, ...]]:
         meta = path.with_suffix(".json")
         config = json.loads(meta.read_text()).get("config") or {} if meta.is_file() else {}
     else:
-        from micromae.train.checkpoint import load_checkpoint
-
         config = load_checkpoint(path).get("config") or {}
     data = config.get("data") or {}
     return str(data.get("normalize", "dtype")), tuple(float(p) for p in data.get("percentiles", DEFAULT_PERCENTILES))

@@ -17,9 +17,11 @@ import torch.nn as nn
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 
+from micromae.architectures import MAESTER, TINY_TEST
 from micromae.errors import input_error
 from micromae.models.masking import gather_tokens, num_kept, random_masking, restore_from_ids_keep, unpatchify
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
+from micromae.models.registry import register_model
 from micromae.models.vit import ViTEncoder, check_positive, init_mae_weights
 
 __all__ = ["MAEOutput", "MaskedAutoencoder", "mae_maester", "mae_tiny_test", "build_mae"]
@@ -54,12 +56,16 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: normalise each target patch by its own mean and (unbiased) variance, eps 1e-6.
     """
 
-    def __init__(self, img_size: int | tuple[int, int] = 80, patch_size: int = 5, in_chans: int = 1,
-                 embed_dim: int = 192, depth: int = 14, num_heads: int = 1, mlp_ratio: float = 2.0,
-                 qkv_bias: bool = True, pos_embed_weight: float = 0.08, drop_path_rate: float = 0.0,
-                 decoder_embed_dim: int = 128, decoder_depth: int = 7, decoder_num_heads: int = 8,
-                 decoder_mlp_ratio: float = 2.0, decoder_pos_embed_weight: float = 1.0,
-                 mask_ratio: float = 0.5, norm_pix_loss: bool = False) -> None:
+    def __init__(self, img_size: int | tuple[int, int] = MAESTER["img_size"], patch_size: int = MAESTER["patch_size"],
+                 in_chans: int = MAESTER["in_chans"], embed_dim: int = MAESTER["embed_dim"],
+                 depth: int = MAESTER["depth"], num_heads: int = MAESTER["num_heads"],
+                 mlp_ratio: float = MAESTER["mlp_ratio"], qkv_bias: bool = MAESTER["qkv_bias"],
+                 pos_embed_weight: float = MAESTER["pos_embed_weight"], drop_path_rate: float = 0.0,
+                 decoder_embed_dim: int = MAESTER["decoder_embed_dim"], decoder_depth: int = MAESTER["decoder_depth"],
+                 decoder_num_heads: int = MAESTER["decoder_num_heads"],
+                 decoder_mlp_ratio: float = MAESTER["decoder_mlp_ratio"],
+                 decoder_pos_embed_weight: float = MAESTER["decoder_pos_embed_weight"],
+                 mask_ratio: float = MAESTER["mask_ratio"], norm_pix_loss: bool = MAESTER["norm_pix_loss"]) -> None:
         super().__init__()
         self.encoder = ViTEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
                                   qkv_bias, pos_embed_weight, drop_path_rate)
@@ -179,21 +185,18 @@ class MaskedAutoencoder(nn.Module):
                          ids_restore=ids_restore, latent=latent)
 
 
+@register_model
 def mae_maester(**overrides) -> MaskedAutoencoder:
-    """MAESTER's MAE (paper default, MAESTER.md §1): ``vit_maester`` encoder, decoder 128 wide, 7 blocks,
+    """MAESTER's MAE (``architectures.MAESTER``): ``vit_maester`` encoder, decoder 128 wide, 7 blocks,
     8 heads, MLP 2, pixel loss without normalisation, mask ratio 0.5 (about 5.1 M parameters)."""
-    cfg = dict(img_size=80, patch_size=5, in_chans=1, embed_dim=192, depth=14, num_heads=1, mlp_ratio=2.0,
-               qkv_bias=True, pos_embed_weight=0.08, decoder_embed_dim=128, decoder_depth=7,
-               decoder_num_heads=8, decoder_mlp_ratio=2.0, decoder_pos_embed_weight=1.0, mask_ratio=0.5,
-               norm_pix_loss=False)
-    return build_mae(**{**cfg, **overrides})
+    return build_mae(**{**MAESTER, **overrides})
 
 
+@register_model
 def mae_tiny_test(**overrides) -> MaskedAutoencoder:
-    """Tiny MAE for CPU tests: 20x20x1, 5x5 tokens, encoder 32x2 (2 heads), decoder 16x1 (2 heads)."""
-    cfg = dict(img_size=20, patch_size=5, in_chans=1, embed_dim=32, depth=2, num_heads=2,
-               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio=0.5)
-    return build_mae(**{**cfg, **overrides})
+    """Tiny MAE for CPU tests (``architectures.TINY_TEST``): 20x20x1, 5x5 tokens, encoder 32x2 (2 heads),
+    decoder 16x1 (2 heads)."""
+    return build_mae(**{**TINY_TEST, **overrides})
 
 
 def build_mae(**kwargs) -> MaskedAutoencoder:

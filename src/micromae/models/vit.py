@@ -17,18 +17,24 @@ compute the same function. The CLS row of the table is zero.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed, to_2tuple
 from timm.models.vision_transformer import Block
 
+from micromae.architectures import MAESTER, TINY_TEST_ENCODER
 from micromae.errors import input_error
 from micromae.models.masking import gather_tokens
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
+from micromae.models.registry import register_model
 
-__all__ = ["ViTEncoder", "vit_maester", "vit_tiny_test", "init_mae_weights", "check_positive"]
+__all__ = ["ENCODER_FIELDS", "ViTEncoder", "vit_maester", "vit_tiny_test", "init_mae_weights", "check_positive"]
+
+# the constructor arguments that fix an encoder's shape and function (drop_path_rate is a training setting)
+ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                  "pos_embed_weight")
 
 
 def check_positive(name: str, value: int) -> None:
@@ -64,9 +70,11 @@ class ViTEncoder(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over blocks from 0.
     """
 
-    def __init__(self, img_size: int | tuple[int, int] = 80, patch_size: int = 5, in_chans: int = 1,
-                 embed_dim: int = 192, depth: int = 14, num_heads: int = 1, mlp_ratio: float = 2.0,
-                 qkv_bias: bool = True, pos_embed_weight: float = 0.08, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, img_size: int | tuple[int, int] = MAESTER["img_size"], patch_size: int = MAESTER["patch_size"],
+                 in_chans: int = MAESTER["in_chans"], embed_dim: int = MAESTER["embed_dim"],
+                 depth: int = MAESTER["depth"], num_heads: int = MAESTER["num_heads"],
+                 mlp_ratio: float = MAESTER["mlp_ratio"], qkv_bias: bool = MAESTER["qkv_bias"],
+                 pos_embed_weight: float = MAESTER["pos_embed_weight"], drop_path_rate: float = 0.0) -> None:
         super().__init__()
         img_hw = to_2tuple(img_size)
         for name, value in [("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
@@ -100,6 +108,16 @@ class ViTEncoder(nn.Module):
                                 depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                 num_classes=0, global_pool="")
         self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> ViTEncoder:
+        """An encoder from a config (a dataclass such as ``ModelConfig``, or a dict) holding
+        :data:`ENCODER_FIELDS` and optionally ``drop_path_rate``; ``overrides`` win over the config."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        kw = {k: get(k) for k in ENCODER_FIELDS}
+        if get("drop_path_rate") is not None:
+            kw["drop_path_rate"] = get("drop_path_rate")
+        return cls(**{**kw, **overrides})
 
     def initialize_weights(self) -> None:
         """MAE init: xavier on the flattened patch-embed weight, CLS ~ N(0, 0.02), then Linear / LayerNorm."""
@@ -184,16 +202,14 @@ class ViTEncoder(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
 
+@register_model
 def vit_maester(**overrides) -> ViTEncoder:
-    """MAESTER encoder (paper default): 80x80x1 input, 5x5 tokens, 14 blocks of width 192, 1 head, MLP 2,
-    pos-embed weight 0.08 (about 4.16 M parameters)."""
-    cfg = dict(img_size=80, patch_size=5, in_chans=1, embed_dim=192, depth=14, num_heads=1, mlp_ratio=2.0,
-               qkv_bias=True, pos_embed_weight=0.08)
-    return ViTEncoder(**{**cfg, **overrides})
+    """MAESTER encoder (``architectures.MAESTER``: 80x80x1 input, 5x5 tokens, 14 blocks of width 192, 1 head,
+    MLP 2, pos-embed weight 0.08; about 4.16 M parameters). These are the class defaults."""
+    return ViTEncoder(**overrides)
 
 
+@register_model
 def vit_tiny_test(**overrides) -> ViTEncoder:
-    """Tiny encoder for CPU tests: 20x20x1 input, 5x5 tokens (4x4 grid), 2 blocks of width 32, 2 heads."""
-    cfg = dict(img_size=20, patch_size=5, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
-               qkv_bias=True, pos_embed_weight=0.08)
-    return ViTEncoder(**{**cfg, **overrides})
+    """Tiny encoder for CPU tests (``architectures.TINY_TEST``: 20x20x1 input, 4x4 grid, 2 blocks of 32, 2 heads)."""
+    return ViTEncoder(**{**TINY_TEST_ENCODER, **overrides})

@@ -16,13 +16,13 @@ import zarr
 from micromae.data.normalize import intensity_range
 from micromae.errors import input_error
 from micromae.io import open_volume, write_array
+from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
 from micromae.segment.cluster import ClusterModel
 from micromae.segment.cover_stride import embed_pixels_region
 from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
-from micromae.train.checkpoint import load_pretrained_encoder
 
 
 def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None) -> Any:
@@ -43,12 +43,13 @@ def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, ke
     return vol
 
 
-def load_encoder(checkpoint: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict, str]:
-    """Encoder of a pre-training checkpoint on ``device``; also its config dict and the file's SHA-256."""
-    encoder, config, sha = load_pretrained_encoder(checkpoint)
+def encoder_on_device(checkpoint: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict, str]:
+    """Encoder of a pre-training checkpoint (:func:`~micromae.models.pretrained.load_encoder`), in eval mode on
+    ``device`` (said on the terminal); also its config dict and the file's SHA-256."""
+    encoder, meta = load_encoder(checkpoint)
     dev = resolve_device(device)
     say(f"encoder from {checkpoint} on {dev}")
-    return encoder.to(dev), config, sha
+    return encoder.eval().to(dev), meta.config, meta.sha256
 
 
 def volume_range(volume: Any, config: dict, normalize: str | None = None) -> tuple[float, float]:
@@ -100,7 +101,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     if output.exists() and not overwrite:
         raise input_error("--output", "a path that does not exist yet", f"'{output}' exists",
                           "Choose another output or pass --overwrite")
-    encoder, config, sha = load_encoder(checkpoint, device)
+    encoder, config, sha = encoder_on_device(checkpoint, device)
     volume = open_input_volume(input_path, axes, key)
     mask = None if mask_path is None else open_input_volume(mask_path)
     rng_range = volume_range(volume, config)
@@ -147,7 +148,7 @@ def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slice
     never stores them).
     """
     settings = settings or SegmentSettings()
-    encoder, config, _ = load_encoder(checkpoint, device)
+    encoder, config, _ = encoder_on_device(checkpoint, device)
     volume = open_input_volume(input_path, axes, key)
     rng_range = volume_range(volume, config)
     index = list(range(volume.shape[0])) if slices is None else list(slices)

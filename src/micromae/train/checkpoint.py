@@ -9,7 +9,6 @@ leaves a truncated checkpoint at the real name.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from pathlib import Path
@@ -19,8 +18,11 @@ import numpy as np
 import torch
 
 import micromae
-from micromae.errors import input_error
 from micromae.io import atomic_path
+from micromae.models.pretrained import file_sha256, load_checkpoint
+
+__all__ = ["LAST", "file_sha256", "find_resume_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint",
+           "set_rng_state"]  # load_checkpoint / file_sha256: read at the models layer, re-exported for resume
 
 LAST = "last.pt"
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")
@@ -57,60 +59,7 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int = 2) -> Pat
     return step_path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise input_error("checkpoint", "an existing .pt file", f"'{path}' does not exist",
-                          "Pass a checkpoint from RUN_DIR/checkpoints/, e.g. last.pt")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise input_error(f"checkpoint '{path}'", "a micromae checkpoint", f"an unreadable file ({exc})",
-                          "The file is corrupt or truncated: use another checkpoint") from exc
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise input_error(f"checkpoint '{path}'", "a dict with 'model' and 'step'",
-                          f"{type(state).__name__} with keys {sorted(state)[:8] if isinstance(state, dict) else '-'}",
-                          "Pass a checkpoint written by micromae pretrain")
-    return state
-
-
 def find_resume_checkpoint(run_dir: Path) -> Path | None:
     """``--resume auto``: the run's ``checkpoints/last.pt`` if there is one."""
     last = Path(run_dir) / "checkpoints" / LAST
     return last if last.is_file() else None
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file (used to tie outputs such as cluster centres to the checkpoint they came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_pretrained_encoder(path: str | Path, map_location: str | torch.device = "cpu", branch: int = 1):
-    """The ViT encoder of a pre-training checkpoint (MAE, data2vec, or DAMA ``branch`` 1 or 2), ready for
-    inference, and the checkpoint's config dict.
-
-    Returns ``(encoder, config_dict, sha256_of_file)``; the hash ties outputs (cluster centres, label volumes)
-    to the exact weights that made them.
-    """
-    from micromae.config import ModelConfig, from_dict
-    from micromae.models import ViTEncoder
-    from micromae.models.dama import encoder_state_dict
-
-    state = load_checkpoint(path, map_location=map_location)
-    config = state.get("config") or {}
-    m = from_dict(ModelConfig, config.get("model", {}))
-    encoder = ViTEncoder(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=m.embed_dim,
-                         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias,
-                         pos_embed_weight=m.pos_embed_weight)
-    try:
-        encoder.load_state_dict(encoder_state_dict(state["model"], branch))
-    except RuntimeError as exc:
-        raise input_error(f"checkpoint '{path}'", "encoder weights matching the checkpoint's own model config",
-                          f"a mismatch ({str(exc).splitlines()[0]})",
-                          "Pass a checkpoint written by micromae pretrain") from exc
-    return encoder.eval(), config, file_sha256(path)

@@ -32,7 +32,8 @@ from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
-from micromae.models.heads.classifier import ENCODER_KEYS, ViTClassifier, encoder_fields, load_encoder
+from micromae.models.heads.classifier import ViTClassifier
+from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_encoder
 from micromae.train import engine
 from micromae.train.checkpoint import load_checkpoint
 from micromae.train.classify_data import (LabelledCrops, accuracy_report, crop_stream, load_labelled_crops, predict,
@@ -173,11 +174,13 @@ def load_classify_config(path: str | Path, overrides: list[str] | None = None) -
 def build_encoder(cfg: ClassifyConfig) -> tuple[ViTEncoder, dict[str, Any]]:
     """The encoder of ``cfg.init`` (random or loaded, see :func:`load_encoder`) at ``data.size``."""
     if cfg.init == "random":
-        fields = {k: getattr(cfg.model, k) for k in ENCODER_KEYS}
+        fields = {k: getattr(cfg.model, k) for k in ENCODER_FIELDS}
         if cfg.data.size is not None:
             fields["img_size"] = cfg.data.size
         return ViTEncoder(**fields, drop_path_rate=cfg.train.drop_path), {"init": "random"}
-    return load_encoder(cfg.init, branch=cfg.init_branch, img_size=cfg.data.size, drop_path_rate=cfg.train.drop_path)
+    encoder, meta = load_encoder(cfg.init, branch=cfg.init_branch, img_size=cfg.data.size, pos_embed="interpolate",
+                                 drop_path_rate=cfg.train.drop_path)
+    return encoder, meta.provenance
 
 
 def check_channels(encoder: ViTEncoder, crops: LabelledCrops, init: str) -> None:

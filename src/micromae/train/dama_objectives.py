@@ -11,25 +11,23 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from micromae.errors import input_error
 from micromae.figures import channels_to_rgb, display_scale, plt, save_figure
-from micromae.models.adaptive_masking import random_ids_keep
-from micromae.models.dama import DAMA, ema_momentum, ema_update, feature_loss, regression_target
+from micromae.models.dama import DAMA, ema_momentum, ema_update
+from micromae.models.data2vec import Data2Vec
 from micromae.models.mae import MaskedAutoencoder
-from micromae.models.masking import mask_from_ids_keep, num_kept
-from micromae.models.vit import ViTEncoder, init_mae_weights
+from micromae.models.vit import ViTEncoder
+from micromae.runtime import eval_mode, unwrap
 from micromae.train.engine import Objective
-from micromae.train.objectives import MAEObjective, _unwrap
+from micromae.train.objectives import MAEObjective
 
-__all__ = ["DAMAObjective", "Data2Vec", "Data2VecObjective", "build_dama_comparison_objective",
+__all__ = ["DAMAObjective", "Data2VecObjective", "build_dama_comparison_objective",
            "channels_to_rgb", "display_scale", "OBJECTIVES"]
 
 OBJECTIVES = ("mae", "dama", "data2vec")
@@ -108,33 +106,31 @@ class DAMAObjective(Objective):
     @torch.no_grad()
     def save_figure(self, batch: torch.Tensor, path: Path) -> None:
         """Rows of: input, branch 1 masked input and reconstruction, branch 2 masked input and reconstruction."""
-        dama: DAMA = _unwrap(self.model)
-        was_training = dama.training
-        dama.eval()
-        imgs = batch[:4].float()
-        out = dama(imgs)
-        panels = [(imgs, None)]
-        for branch, pred, mask in [(dama.branch1, out.pred1, out.mask1), (dama.second, out.pred2, out.mask2)]:
-            m = _mask_image(branch, mask)
-            recon = _pixels(branch, imgs, pred).clamp(0, 1)
-            panels += [(imgs, m), (imgs * (1 - m) + recon * m, None)]
-        titles = ["input", "mask 1 (random)", "reconstruction 1", f"mask 2 ({dama.masking})", "reconstruction 2"]
-        fig, axes = plt.subplots(imgs.shape[0], 5, figsize=(10, 2.1 * imgs.shape[0]), squeeze=False)
-        for i in range(imgs.shape[0]):
-            scale = display_scale(imgs[i].cpu().numpy())
-            for j, (panel, m) in enumerate(panels):
-                rgb = channels_to_rgb(panel[i].cpu().numpy(), scale)
-                if m is not None:  # masked patches in mid-grey
-                    m_i = m[i, 0].cpu().numpy()[..., None]
-                    rgb = rgb * (1 - m_i) + 0.5 * m_i
-                axes[i, j].imshow(rgb, interpolation="nearest")
-                axes[i, j].set_axis_off()
-                if i == 0:
-                    axes[i, j].set_title(titles[j], fontsize=8)
-        fig.suptitle(f"{dama.config}: L_p1 {float(out.loss_p1):.4f}  L_p2 {float(out.loss_p2):.4f}  "
-                     f"L_f {float(out.loss_f):.4f}", fontsize=9)
-        save_figure(fig, path)
-        dama.train(was_training)
+        dama: DAMA
+        with eval_mode(unwrap(self.model)) as dama:
+            imgs = batch[:4].float()
+            out = dama(imgs)
+            panels = [(imgs, None)]
+            for branch, pred, mask in [(dama.branch1, out.pred1, out.mask1), (dama.second, out.pred2, out.mask2)]:
+                m = _mask_image(branch, mask)
+                recon = _pixels(branch, imgs, pred).clamp(0, 1)
+                panels += [(imgs, m), (imgs * (1 - m) + recon * m, None)]
+            titles = ["input", "mask 1 (random)", "reconstruction 1", f"mask 2 ({dama.masking})", "reconstruction 2"]
+            fig, axes = plt.subplots(imgs.shape[0], 5, figsize=(10, 2.1 * imgs.shape[0]), squeeze=False)
+            for i in range(imgs.shape[0]):
+                scale = display_scale(imgs[i].cpu().numpy())
+                for j, (panel, m) in enumerate(panels):
+                    rgb = channels_to_rgb(panel[i].cpu().numpy(), scale)
+                    if m is not None:  # masked patches in mid-grey
+                        m_i = m[i, 0].cpu().numpy()[..., None]
+                        rgb = rgb * (1 - m_i) + 0.5 * m_i
+                    axes[i, j].imshow(rgb, interpolation="nearest")
+                    axes[i, j].set_axis_off()
+                    if i == 0:
+                        axes[i, j].set_title(titles[j], fontsize=8)
+            fig.suptitle(f"{dama.config}: L_p1 {float(out.loss_p1):.4f}  L_p2 {float(out.loss_p2):.4f}  "
+                         f"L_f {float(out.loss_f):.4f}", fontsize=9)
+            save_figure(fig, path)
 
 
 def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
@@ -146,47 +142,6 @@ def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) ->
     if found != wanted:
         raise input_error("checkpoint objective state", repr(wanted), repr(found),
                           "Resume with the config the run was started with")
-
-
-class Data2Vec(nn.Module):
-    """data2vec-style baseline on the MAE encoder.
-
-    The student encodes all ``L`` tokens with a learned mask embedding in place of the masked patches (position
-    embedding kept); a linear head regresses, at the masked positions, the teacher's target: the per-token
-    layer-normalised FFN outputs of its last ``K`` blocks on the **unmasked** image, averaged. The teacher is
-    an EMA copy of the student (no gradient).
-    """
-
-    def __init__(self, encoder: ViTEncoder, mask_ratio: float = 0.6, K: int = 6, beta: float = 2.0) -> None:
-        super().__init__()
-        self.keep = num_kept(encoder.num_patches, mask_ratio)
-        if not 1 <= K <= encoder.depth or isinstance(K, bool):
-            raise input_error("K", f"an int in 1..depth={encoder.depth}", repr(K), "Average at most depth blocks")
-        self.mask_ratio, self.K, self.beta = float(mask_ratio), int(K), float(beta)
-        self.encoder = encoder
-        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
-        nn.init.normal_(self.mask_embedding, std=0.02)
-        self.head = nn.Linear(encoder.embed_dim, encoder.embed_dim)
-        init_mae_weights(self.head)
-        self.teacher = copy.deepcopy(encoder).requires_grad_(False)
-
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``imgs`` ``(N, C, H, W)`` -> ``loss``, ``pred`` ``(N, L, D)``, ``target`` ``(N, L, D)``, ``mask``
-        ``(N, L)`` (1 = masked, where the loss is taken)."""
-        n, length = imgs.shape[0], self.encoder.num_patches
-        mask = mask_from_ids_keep(random_ids_keep(n, length, self.keep, imgs.device, generator), length)
-        x = self.encoder.embed_patches(imgs)  # (N, L, D), position embedding included
-        masked_token = (self.mask_embedding + self.encoder.pos_embed[:, 1:]).to(x.dtype)
-        x = torch.where(mask.bool().unsqueeze(-1), masked_token, x)
-        pred = self.head(self.encoder.forward_tokens(x)[:, 1:])
-        with torch.no_grad():
-            _, ffn = self.teacher.forward_features(imgs, return_block_ffn=self.K)
-            target = regression_target(ffn)[:, 1:]
-        return feature_loss(pred, target, self.beta, weight=mask), pred, target, mask
-
-    def settings(self) -> dict:
-        return dict(mask_ratio=self.mask_ratio, K=self.K, beta=self.beta)
 
 
 class Data2VecObjective(Objective):

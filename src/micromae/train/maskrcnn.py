@@ -28,6 +28,7 @@ from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.models import ViTEncoder
 from micromae.models.heads.maskrcnn import build_maskrcnn
+from micromae.models.pretrained import load_encoder
 from micromae.train import engine
 from micromae.train.checkpoint import load_checkpoint
 from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
@@ -36,8 +37,6 @@ from micromae.train.layer_decay import build_layer_decay_optimizer
 from micromae.train.log import say
 from micromae.train.pretrain import start_run
 
-ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                  "qkv_bias", "pos_embed_weight", "drop_path_rate")
 SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 INFERENCE = ("whole", "tiles")
 
@@ -142,7 +141,7 @@ def load_maskrcnn_config(path: str | Path, overrides: list[str] | None = None) -
 
 def build_encoder(cfg: MaskRCNNConfig) -> ViTEncoder:
     """A randomly initialised encoder of ``cfg.model``'s shape."""
-    return ViTEncoder(**{k: getattr(cfg.model, k) for k in ENCODER_FIELDS})
+    return ViTEncoder.from_config(cfg.model)
 
 
 def build_model(cfg: MaskRCNNConfig, encoder: ViTEncoder | None = None) -> nn.Module:
@@ -158,32 +157,13 @@ def build_model(cfg: MaskRCNNConfig, encoder: ViTEncoder | None = None) -> nn.Mo
         box_batch_size_per_image=d.box_batch_size_per_image)
 
 
-def read_init_encoder(path: str | Path, branch: int = 1) -> ViTEncoder:
-    """The encoder of ``path``: an exported ``.safetensors``, a pre-training checkpoint (DAMA ``branch``),
-    or a Mask R-CNN fine-tuning checkpoint."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from micromae.train.export import load_exported_encoder
-
-        if not path.is_file() or not path.with_suffix(".json").is_file():
-            raise input_error("init", "an exported encoder (.safetensors with its .json)", f"'{path}' (or its "
-                              ".json) missing", "Export one with `micromae export`, or pass a .pt checkpoint")
-        return load_exported_encoder(path)
-    state = load_checkpoint(path)
-    if (state.get("config") or {}).get("task") == "instances":
-        return load_maskrcnn_model(path)[0].backbone.encoder
-    from micromae.train.checkpoint import load_pretrained_encoder
-
-    return load_pretrained_encoder(path, branch=branch)[0]
-
-
 def init_encoder(cfg: MaskRCNNConfig) -> tuple[ViTEncoder, str]:
     """This run's encoder and where its weights come from. A checkpoint's encoder must have ``cfg.model``'s
     shape (channels, patch size, width, depth, heads); its fixed ``pos_embed`` is kept when the grids agree."""
     encoder = build_encoder(cfg)
     if cfg.init == "random":
         return encoder, "random"
-    loaded = read_init_encoder(cfg.init, cfg.init_branch)
+    loaded = load_encoder(cfg.init, branch=cfg.init_branch)[0]
     found = {"patch_size": loaded.patch_size, "in_chans": loaded.in_chans, "embed_dim": loaded.embed_dim,
              "depth": loaded.depth, "num_heads": loaded.blocks[0].attn.num_heads,
              "mlp_ratio": loaded.blocks[0].mlp.fc1.out_features / loaded.embed_dim}

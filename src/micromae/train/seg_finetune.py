@@ -31,14 +31,13 @@ from micromae.data.volumes import _as_zyx, load_training_volumes
 from micromae.errors import input_error
 from micromae.models import ViTEncoder
 from micromae.models.heads import HEADS, SupervisedSegmenter, build_head
+from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_encoder
 from micromae.train.checkpoint import load_checkpoint
 from micromae.train.distributed import cleanup_distributed, init_distributed
 from micromae.train.engine import Objective, TrainResult, train
 from micromae.train.log import say
 from micromae.train.pretrain import start_run
 
-ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                  "qkv_bias", "pos_embed_weight", "drop_path_rate")
 PARTIAL_MODES = ("none", "slices", "blocks")
 WINDOW_WEIGHTS = ("gaussian", "linear", "uniform")
 
@@ -115,7 +114,7 @@ def load_seg_finetune_config(path: str | Path, overrides: list[str] | None = Non
 def build_seg_model(cfg: SegFinetuneConfig) -> SupervisedSegmenter:
     """Encoder (``cfg.model``'s encoder fields) + ``cfg.head`` (``decoder_*`` fields), randomly initialised."""
     m = cfg.model
-    encoder = ViTEncoder(**{k: getattr(m, k) for k in ENCODER_FIELDS})
+    encoder = ViTEncoder.from_config(m)
     head = build_head(cfg.head, encoder, cfg.num_classes, decoder_embed_dim=m.decoder_embed_dim,
                       depth=m.decoder_depth, num_heads=m.decoder_num_heads, mlp_ratio=m.decoder_mlp_ratio,
                       pos_embed_weight=m.decoder_pos_embed_weight)
@@ -123,32 +122,24 @@ def build_seg_model(cfg: SegFinetuneConfig) -> SupervisedSegmenter:
 
 
 def load_encoder_weights(model: SupervisedSegmenter, path: str | Path) -> dict[str, Any]:
-    """Copy the ``encoder.*`` weights of a checkpoint (MAESTER or fine-tuned) into ``model.encoder``.
+    """Copy the encoder weights of a checkpoint (MAESTER or fine-tuned) into ``model.encoder``.
 
-    ``pos_embed`` is skipped: it is recomputed at this model's weight and grid (module docstring).
-    Returns what was loaded: ``{"path", "tensors", "checkpoint_pos_embed_weight"}``.
+    ``pos_embed`` is not taken from the file: it is recomputed at this model's weight and grid (module
+    docstring). Returns what was loaded: ``{"path", "tensors", "checkpoint_pos_embed_weight"}``.
     """
-    state = load_checkpoint(path)
-    weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    weights.pop("pos_embed", None)
-    ckpt_model = (state.get("config") or {}).get("model", {})
-    described = {k: ckpt_model[k] for k in ENCODER_FIELDS if k in ckpt_model}
-    if not weights:
-        raise input_error(f"init checkpoint '{path}'", "encoder.* weights (a MAESTER checkpoint)",
-                          "no encoder weights", "Pass a checkpoint written by micromae pretrain, or init=random")
-    try:
-        missing, unexpected = model.encoder.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shape mismatch
+    enc = model.encoder
+    loaded, meta = load_encoder(path, img_size=enc.img_size[0], pos_embed="recompute",
+                                pos_embed_weight=enc.pos_embed_weight)
+    ours, theirs = encoder_fields(enc), encoder_fields(loaded)
+    wrong = [k for k in ENCODER_FIELDS if k not in ("img_size", "pos_embed_weight") and ours[k] != theirs[k]]
+    if wrong:
         raise input_error(f"init checkpoint '{path}'", "an encoder of this run's shape",
-                          f"an encoder {described} ({str(exc).splitlines()[-1].strip()})",
-                          "Set the model.* encoder fields to the checkpoint's") from exc
-    missing = [k for k in missing if k != "pos_embed"]
-    if missing or unexpected:
-        raise input_error(f"init checkpoint '{path}'", "the encoder's tensors",
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}",
+                          f"an encoder {meta.fields} ({', '.join(f'{k} {theirs[k]}, not {ours[k]}' for k in wrong)})",
                           "Set the model.* encoder fields to the checkpoint's (e.g. model.depth)")
-    return {"path": str(path), "tensors": len(weights),
-            "checkpoint_pos_embed_weight": ckpt_model.get("pos_embed_weight")}
+    weights = loaded.state_dict()
+    enc.load_state_dict(weights)
+    return {"path": str(path), "tensors": len(weights) - 1,
+            "checkpoint_pos_embed_weight": meta.fields.get("pos_embed_weight")}
 
 
 def load_seg_model(path: str | Path, device: str | torch.device = "cpu") -> SupervisedSegmenter:
