@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from micromae.data.multichannel import MultiChannelImageFolder
 from micromae.errors import input_error
 
 __all__ = ["LabelledCrops", "load_labelled_crops", "select_files", "crop_stream", "flip_rotate",
@@ -70,8 +71,6 @@ def load_labelled_crops(root: str | Path, size: int, axes: str | None = None,
     Raises MicromaeInputError for a folder without class sub-folders or with fewer than two classes that have
     crops.
     """
-    from micromae.data.multichannel import MultiChannelImageFolder
-
     root = Path(root)
     dataset = MultiChannelImageFolder(root, axes=axes, size=size, channels=channels, classes=classes,
                                       normalize=normalize, percentiles=percentiles)
