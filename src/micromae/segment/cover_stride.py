@@ -47,10 +47,10 @@ import torch.nn as nn
 
 from micromae.data.normalize import scale_intensity
 from micromae.errors import input_error
-from micromae.runtime import eval_mode  # re-exported: segment.fit imports it from here
+from micromae.runtime import eval_mode
 
 __all__ = ["PixelGeometry", "AxisPlan", "encoder_geometry", "plan_axis", "pad_index", "block_size",
-           "context_margin", "count_windows", "read_padded", "eval_mode", "encode_windows", "encode_lattice",
+           "context_margin", "count_windows", "read_padded", "encode_windows", "encode_lattice",
            "embed_pixels", "embed_pixels_batch", "embed_pixels_region", "embed_pixels_naive"]
 
 MODES = ("exact", "fast")
