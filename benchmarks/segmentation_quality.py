@@ -205,8 +205,8 @@ def supervised_rows(checkpoint: Path | None, train_seed: int, shape: tuple[int, 
     training volume (the presets keep every other Z slice), from random init and from the MAESTER
     ``checkpoint``; scored on every ``--seeds`` volume with their own class ids (no mapping)."""
     from micromae.evaluate.metrics import segmentation_scores
-    from micromae.train.seg_finetune import load_seg_finetune_config, load_seg_model, predict_volume, \
-        run_seg_finetune
+    from micromae.segment.sliding_window import predict_volume
+    from micromae.train.seg_finetune import load_seg_finetune_config, load_seg_model, run_seg_finetune
 
     inits = [("random", "random")] + ([("MAESTER", str(checkpoint))] if checkpoint else [])
     volumes = {seed: make_em_volume(shape, seed=seed) for seed in args.seeds}

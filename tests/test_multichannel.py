@@ -9,11 +9,9 @@ import pytest
 import tifffile
 import torch
 
-from micromae.data.multichannel import (
-    DamaAugment,
-    MultiChannelImageFolder,
-    make_mif_loader,
-)
+from micromae.data.augment import DamaAugment
+from micromae.data.multichannel import MultiChannelImageFolder
+from micromae.data.seeded import make_mif_loader
 from micromae.data.channel_norm import scale_to_unit
 from micromae.data.synthetic_mif import CELL_TYPES, CHANNELS, extract_cell_crops, make_mif_image, write_mif_dataset
 from micromae.errors import MicromaeInputError

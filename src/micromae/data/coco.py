@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from micromae.data.channel_norm import (DEFAULT_PERCENTILES, channel_ranges, check_normalize,
                                         dataset_channel_ranges, normalize_channels)
-from micromae.data.multichannel import _file_axes
+from micromae.data.multichannel import file_axes
 from micromae.errors import input_error
 from micromae.io import open_volume
 
@@ -171,7 +171,7 @@ class CocoInstanceDataset(Dataset):
                               f"'{self.root}'", f"{len(missing)} missing, e.g. {missing[:3]}",
                               "Pass image_root (--image-root / data.image_root) pointing at the folder the "
                               "file_name entries are relative to")
-        info = [_file_axes(f, axes) for f in self.files]
+        info = [file_axes(f, axes) for f in self.files]
         self._axes = [a for a, _, _ in info]
         self.shapes = [s for _, s, _ in info]  # (C, H, W)
         self._check_shapes(in_chans)

@@ -1,7 +1,7 @@
 """Batches of augmented multi-channel images for pre-training, as an endless step-indexed stream.
 
 The engine asks for the stream from a given step on (``open_stream(start)``); epochs are an implementation
-detail here: the order of epoch ``e`` is the :class:`~micromae.data.multichannel.SeededSampler` permutation
+detail here: the order of epoch ``e`` is the :class:`~micromae.data.seeded.SeededSampler` permutation
 of ``(seed, e)`` and each item's augmentation draws from ``(seed, rank, e, index)``, so starting at step ``s``
 gives exactly the batches an uninterrupted run sees from ``s`` on, without loading the skipped ones.
 """
@@ -15,7 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from micromae.config import PretrainConfig
-from micromae.data.multichannel import DamaAugment, MultiChannelImageFolder, SeededItems, SeededSampler
+from micromae.data.augment import DamaAugment
+from micromae.data.multichannel import MultiChannelImageFolder
+from micromae.data.run_folder import synthetic_mif_in_run
+from micromae.data.seeded import SeededItems, SeededSampler
 from micromae.errors import input_error
 
 
@@ -26,12 +29,7 @@ def build_image_dataset(cfg: PretrainConfig, run_dir: Path) -> MultiChannelImage
     ``model.in_chans``."""
     d = cfg.data
     if d.source == "synthetic_mif":
-        from micromae.data.synthetic_mif import write_mif_dataset
-
-        root = run_dir / "synthetic_mif"
-        if not (root / "images").is_dir():
-            write_mif_dataset(root, n_images=d.n_images, shape=tuple(d.synthetic_shape[-2:]), seed=d.synthetic_seed)
-        folder = root / "images"
+        folder = synthetic_mif_in_run(run_dir, d.n_images, d.synthetic_shape, d.synthetic_seed) / "images"
     else:
         if d.root is None:
             raise input_error("data.root", "a folder of multi-channel TIFFs", "nothing",

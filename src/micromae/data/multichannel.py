@@ -1,41 +1,24 @@
-"""Folders of multi-channel images for DAMA: reading, scaling to [0, 1], DAMA's augmentation, a seeded loader.
+"""Folders of multi-channel images for DAMA: finding the files, their channel names, reading, scaling to [0, 1].
 
 :class:`MultiChannelImageFolder` reads ``root/*.tif`` (unlabelled, label -1) or ``root/<class>/**/*.tif``
 (labels = class index) as float32 ``(C, H, W)`` tensors scaled to [0, 1] by
 :func:`micromae.data.channel_norm.normalize_channels` (``normalize``: ``dtype`` (default), ``percentile``,
 ``minmax``, ``channel_stats``); the whole file is normalised before any crop or augmentation.
 
-:class:`DamaAugment` is DAMA's pre-training augmentation (DAMA.md §1, the public code's pipeline for
-7-channel data): a square crop of side ``round(scale * size)`` ("half size" = half the *output* side, as
-``RandomResizedCrop(img_size // 2, img_size)`` there) at a uniformly random position, resized to
-``size × size``; a rotation by a free angle drawn uniformly in [-90°, 90°] (the public code's
-``RandomRotation(90)``, about the centre, bilinear, ``fill`` outside; ``rotation="right_angles"`` draws
-from {-90°, 0°, 90°} instead, without resampling); an integer shift of up to ``int(shift * size)`` pixels
-along each axis (``RandomShift(0.3)``, ``fill`` outside), done in the same resampling as the rotation;
-horizontal and vertical flips with probability 0.5 each. No intensity transform.
-
-:func:`make_mif_loader` makes the randomness reproducible and fresh: the order of an epoch is a
-permutation drawn from ``np.random.default_rng([seed, epoch])`` (the same on every rank, which then takes
-every ``world_size``-th item, as ``DistributedSampler``), and item ``index`` is augmented with
-``np.random.default_rng([seed, rank, epoch, index])``. Batches therefore do not depend on the number of
-workers, differ between epochs and ranks, and replay exactly from the seed (call
-``loader.sampler.set_epoch(epoch)`` before each epoch, as for ``DistributedSampler``).
+DAMA's augmentation is :mod:`micromae.data.augment`, the seeded loader :mod:`micromae.data.seeded`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
 import torch
 import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from micromae.data.channel_norm import (DEFAULT_PERCENTILES, channel_ranges, check_normalize,
                                         dataset_channel_ranges, normalize_channels)
@@ -43,9 +26,6 @@ from micromae.errors import input_error
 from micromae.io import open_volume
 
 IMAGE_SUFFIXES = (".tif", ".tiff")  # also matches .ome.tif / .ome.tiff
-ROTATIONS = ("free", "right_angles")
-_INTERPOLATION = {"bilinear": TF.InterpolationMode.BILINEAR, "nearest": TF.InterpolationMode.NEAREST,
-                  "bicubic": TF.InterpolationMode.BICUBIC}
 
 
 def read_channel_names(path: str | Path, count: int) -> list[str] | None:
@@ -75,102 +55,6 @@ def _channels_json(root: Path, count: int) -> list[str] | None:
                 return [str(n) for n in names]
     return None
 
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """The random draws of one :class:`DamaAugment` call (pixels and degrees)."""
-
-    top: int
-    left: int
-    angle: float
-    shift_y: int
-    shift_x: int
-    hflip: bool
-    vflip: bool
-
-
-class DamaAugment:
-    """DAMA's geometric augmentation of a ``(C, H, W)`` float tensor to ``(C, size, size)`` (module docstring).
-
-    ``scale``: crop side over output side (0.5 = DAMA). ``degrees``: the largest rotation; ``rotation``:
-    ``"free"`` (uniform angle) or ``"right_angles"`` (-degrees, 0 or +degrees, exact for 90). ``shift``:
-    largest shift as a fraction of ``size``. ``interpolation``: ``"bilinear"`` (default), ``"bicubic"`` or
-    ``"nearest"``, used by the resize and the rotation (bicubic can overshoot [0, 1] slightly). ``fill``: the value given to pixels rotated or
-    shifted in from outside (0 = DAMA).
-    """
-
-    accepts_rng = True
-
-    def __init__(self, size: int, scale: float = 0.5, degrees: float = 90.0, rotation: str = "free",
-                 shift: float = 0.3, hflip_p: float = 0.5, vflip_p: float = 0.5, interpolation: str = "bilinear",
-                 fill: float = 0.0) -> None:
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise input_error("DamaAugment size", "an integer >= 1", repr(size), "Pass the model input side, e.g. 128")
-        if not (isinstance(scale, (int, float)) and 0 < scale <= 4):
-            raise input_error("DamaAugment scale", "a crop/output side ratio in (0, 4]", repr(scale), "DAMA uses 0.5")
-        if rotation not in ROTATIONS or interpolation not in _INTERPOLATION:
-            raise input_error("DamaAugment rotation/interpolation", f"one of {ROTATIONS} / {tuple(_INTERPOLATION)}",
-                              f"{rotation!r} / {interpolation!r}", "DAMA uses 'free' and 'bilinear'")
-        if not 0.0 <= degrees <= 180.0:
-            raise input_error("DamaAugment degrees", "an angle in [0, 180]", repr(degrees), "DAMA uses 90")
-        for name, value in (("shift", shift), ("hflip_p", hflip_p), ("vflip_p", vflip_p)):
-            if not 0.0 <= value <= 1.0:
-                raise input_error(f"DamaAugment {name}", "a number in [0, 1]", repr(value), "DAMA uses 0.3 and 0.5")
-        self.size, self.scale, self.degrees, self.rotation = int(size), float(scale), float(degrees), rotation
-        self.crop = max(1, round(self.scale * self.size))
-        self.shift, self.hflip_p, self.vflip_p, self.fill = float(shift), float(hflip_p), float(vflip_p), float(fill)
-        self.interpolation = interpolation
-
-    @property
-    def min_input_size(self) -> int:
-        """The smallest image side this augmentation can crop from."""
-        return self.crop
-
-    def __repr__(self) -> str:
-        return (f"DamaAugment(size={self.size}, crop={self.crop}, degrees={self.degrees}, rotation={self.rotation!r}, "
-                f"shift={self.shift}, hflip_p={self.hflip_p}, vflip_p={self.vflip_p}, fill={self.fill})")
-
-    def draw_params(self, height: int, width: int, rng: np.random.Generator) -> AugmentParams:
-        """All random draws for an image of ``height × width``, from ``rng`` only."""
-        if min(height, width) < self.crop:
-            raise input_error("image for DamaAugment", f"at least {self.crop}×{self.crop} pixels (the crop side, "
-                              f"{self.scale} × size {self.size})", f"{height}×{width}",
-                              "Use larger images, a smaller size, or a smaller scale")
-        top, left = int(rng.integers(0, height - self.crop + 1)), int(rng.integers(0, width - self.crop + 1))
-        if self.rotation == "free":
-            angle = float(rng.uniform(-self.degrees, self.degrees))
-        else:
-            angle = float(rng.choice([-self.degrees, 0.0, self.degrees]))
-        reach = int(self.shift * self.size)
-        shift_y, shift_x = (int(v) for v in rng.integers(-reach, reach + 1, 2))
-        return AugmentParams(top, left, angle, shift_y, shift_x, bool(rng.random() < self.hflip_p),
-                             bool(rng.random() < self.vflip_p))
-
-    def apply(self, img: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-        """Crop, resize, rotate + shift (one resampling), flip: ``(C, H, W)`` -> ``(C, size, size)``."""
-        mode = _INTERPOLATION[self.interpolation]
-        out = img[..., p.top:p.top + self.crop, p.left:p.left + self.crop]
-        if self.crop != self.size:
-            out = TF.resize(out, [self.size, self.size], interpolation=mode, antialias=self.crop > self.size)
-        angle = p.angle
-        if self.rotation == "right_angles" and angle % 90 == 0:
-            out, angle = torch.rot90(out, k=-int(angle // 90), dims=(-2, -1)), 0.0  # as TF.affine's sense
-        if angle or p.shift_x or p.shift_y:  # torchvision's fill= weights edge pixels twice: offset instead
-            out = TF.affine(out - self.fill if self.fill else out, angle=angle, translate=[p.shift_x, p.shift_y],
-                            scale=1.0, shear=[0.0, 0.0], interpolation=mode, fill=None)
-            out = out + self.fill if self.fill else out
-        if p.hflip:
-            out = TF.horizontal_flip(out)
-        if p.vflip:
-            out = TF.vertical_flip(out)
-        return out.contiguous()
-
-    def __call__(self, img: torch.Tensor, rng: np.random.Generator | int | None = None) -> torch.Tensor:
-        """Augment ``img`` (C, H, W). ``rng``: a generator or seed; None draws a seed from torch's global RNG."""
-        if rng is None:
-            rng = int(torch.randint(0, 2**62, (1,)).item())
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        return self.apply(img, self.draw_params(img.shape[-2], img.shape[-1], rng))
 
 
 def _tiffs(folder: Path, recursive: bool) -> list[Path]:
@@ -207,7 +91,7 @@ def _find_files(root: Path, classes: Sequence[str] | None) -> tuple[list[Path], 
     return files, labels, [f.name for f in folders]
 
 
-def _file_axes(path: Path, axes: str | None) -> tuple[str | None, tuple[int, ...], np.dtype]:
+def file_axes(path: Path, axes: str | None) -> tuple[str | None, tuple[int, ...], np.dtype]:
     """Axes to open ``path`` with, and its (C, H, W) shape and dtype (the header only is read).
 
     A 3-D file whose metadata names no channel axis (tifffile's plain stacks read as ZYX) takes the smaller
@@ -238,8 +122,9 @@ class MultiChannelImageFolder(Dataset):
 
     ``axes``: the files' dimensions in file order (``"CYX"``, ``"YXC"``); None reads them from the
     metadata. ``size``: with no ``transform``, images are resized (bilinear) to ``size × size``.
-    ``transform``: applied to the scaled tensor; one with ``accepts_rng`` (e.g. :class:`DamaAugment`)
-    gets the item's generator from :meth:`get`, and its ``min_input_size`` is checked for every file here.
+    ``transform``: applied to the scaled tensor; one with ``accepts_rng`` (e.g.
+    :class:`~micromae.data.augment.DamaAugment`) gets the item's generator from :meth:`get`, and its
+    ``min_input_size`` is checked for every file here.
     ``channels``: names or indices of the channels to keep (None: all). ``classes``: class folder names in
     label order (None: sorted sub-folders; empty ones count). Channel names come from the first file's
     OME / ImageJ metadata, else ``channels.json`` in ``root`` or its parent, else ``channel_<i>``.
@@ -254,7 +139,7 @@ class MultiChannelImageFolder(Dataset):
         self.dataset_ranges: np.ndarray | None = None  # channel_stats: one (lo, hi) for the folder
         self.root = Path(root)
         self.files, self.labels, self.classes = _find_files(self.root, classes)
-        info = [_file_axes(f, axes) for f in self.files]
+        info = [file_axes(f, axes) for f in self.files]
         self._axes = [a for a, _, _ in info]
         self.shapes = [s for _, s, _ in info]
         counts = [s[0] for s in self.shapes]
@@ -338,60 +223,3 @@ class MultiChannelImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.get(index)
-
-
-class SeededSampler(Sampler):
-    """Yields keys ``(index, epoch)``: a ``(seed, epoch)`` permutation split over ranks, padded by repeats."""
-
-    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
-        for name, value, low in (("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise input_error(name, f"an integer >= {low}", repr(value), f"Set {name} to an integer >= {low}")
-        if rank >= world_size:
-            raise input_error("rank", f"below world_size {world_size}", repr(rank), "Pass the process's global rank")
-        self.length, self.seed, self.rank, self.world_size = int(length), int(seed), int(rank), int(world_size)
-        self.shuffle, self.epoch = shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(self.length / self.world_size)
-
-    def __iter__(self):
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.length) if self.shuffle
-                 else np.arange(self.length))
-        order = np.resize(order, len(self) * self.world_size)  # pads by repeating from the start
-        return iter([(int(i), self.epoch) for i in order[self.rank::self.world_size]])
-
-
-class SeededItems(Dataset):
-    """``dataset`` indexed by ``(index, epoch)`` keys; the item's augmentation draws from
-    ``np.random.default_rng([seed, rank, epoch, index])``."""
-
-    def __init__(self, dataset: Any, seed: int, rank: int) -> None:
-        if not callable(getattr(dataset, "get", None)):
-            raise input_error("dataset", "a dataset with get(index, rng) such as MultiChannelImageFolder",
-                              type(dataset).__name__, "Wrap the images in MultiChannelImageFolder")
-        self.dataset, self.seed, self.rank = dataset, int(seed), int(rank)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, epoch = key
-        return self.dataset.get(index, np.random.default_rng([self.seed, self.rank, epoch, index]))
-
-
-def make_mif_loader(dataset: Any, batch_size: int, seed: int = 0, rank: int = 0, num_workers: int = 0,
-                    world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
-                    pin_memory: bool = False) -> DataLoader:
-    """A DataLoader of ``(images (B, C, H, W), labels (B,))`` with seeded order and augmentation (module docs).
-
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. ``drop_last`` drops a short last batch.
-    """
-    sampler = SeededSampler(len(dataset), seed, rank, world_size, shuffle)
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rank))
-    return DataLoader(SeededItems(dataset, seed, rank), batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=num_workers > 0, generator=generator)

@@ -18,6 +18,10 @@ Randomness comes only from ``np.random.default_rng([seed, rank, step])``. The pu
 every data-loader worker to 42 each epoch and so replayed the same crops for the whole run; here every step
 of every rank draws fresh crops, a run is reproducible from one seed, and resuming at step ``s`` replays
 exactly the stream from ``s`` on, whatever the number of data-loader workers.
+
+Why this module is over 400 lines: the crop geometry, its label twin, the step-indexed stream and the
+checks of the sampler's arguments are one concept (one crop's draws from one generator); apart, the
+stream's replay guarantee would span modules.
 """
 
 from __future__ import annotations

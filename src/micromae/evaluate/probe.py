@@ -33,6 +33,7 @@ from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
 from micromae.models.pretrained import encoder_fields, load_checkpoint, load_encoder
+from micromae.runtime import eval_mode
 
 __all__ = ["extract_features", "linear_probe", "knn_predict", "knn_probe", "probe_encoders", "run_probe"]
 
@@ -47,14 +48,12 @@ def extract_features(encoder: ViTEncoder, images: torch.Tensor, batch_size: int 
     if pool not in POOLS:
         raise input_error("pool", "avg (mean of the patch tokens) or cls", repr(pool), "Use pool=avg")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.to(device).eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = encoder(images[i:i + batch_size].to(device))  # (B, 1 + L, D)
-        out.append((tokens[:, 1:].mean(dim=1) if pool == "avg" else tokens[:, 0]).float().cpu())
-    encoder.train(was_training)
+    with eval_mode(encoder.to(device)):
+        for i in range(0, len(images), batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                tokens = encoder(images[i:i + batch_size].to(device))  # (B, 1 + L, D)
+            out.append((tokens[:, 1:].mean(dim=1) if pool == "avg" else tokens[:, 0]).float().cpu())
     return torch.cat(out)
 
 

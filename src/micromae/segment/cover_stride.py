@@ -28,6 +28,10 @@ Memory: the padded image ``(S, C, Hp, Wp)`` (float32, about ``(H + F) * (W + F)`
 one chunk of ``batch_size`` windows ``(batch_size, C, F, F)`` and its encoder activations (paper model, fp32,
 256 windows: about 0.45 GB), and the output ``(S, D, H, W)`` in ``out_dtype``. The fast mode
 (:mod:`micromae.segment.fast_modes`) adds a token grid and one (S, D, H, W / p) intermediate.
+
+Why this module is over 400 lines: the geometry above, the lattice encoder and the naive reference
+implementation (:func:`embed_pixels_naive`, one window per pixel) are kept together so that the reference
+the tests compare with reads the same geometry as the fast path.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +47,10 @@ import torch.nn as nn
 
 from micromae.data.normalize import scale_intensity
 from micromae.errors import input_error
-from micromae.runtime import eval_mode  # re-exported: segment.fit imports it from here
+from micromae.runtime import eval_mode
 
 __all__ = ["PixelGeometry", "AxisPlan", "encoder_geometry", "plan_axis", "pad_index", "block_size",
-           "context_margin", "count_windows", "read_padded", "eval_mode", "encode_windows", "encode_lattice",
+           "context_margin", "count_windows", "read_padded", "encode_windows", "encode_lattice",
            "embed_pixels", "embed_pixels_batch", "embed_pixels_region", "embed_pixels_naive"]
 
 MODES = ("exact", "fast")

@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from micromae.errors import input_error
+from micromae.runtime import eval_mode
 from micromae.segment.cluster import ClusterModel, fit_kmeans
-from micromae.segment.cover_stride import encode_windows, encoder_geometry, eval_mode, read_padded
+from micromae.segment.cover_stride import encode_windows, encoder_geometry, read_padded
 from micromae.segment.planes import PlaneView, check_axis
 
 

@@ -119,8 +119,9 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                 group.create_array(arr, shape=(pca[1].shape[0], *shape), dtype="float16",
                                    chunks=(pca[1].shape[0], *_chunks(shape, a, tile)), fill_value=0)
         group.attrs.update({"settings_key": key, "done": {}, "micromae_version": micromae.__version__})
+    plan = AxisPass(clusters, intensity_range, settings, pca, tile, fused, progress)
     for a in axes:
-        _run_axis(encoder, volume, group, a, clusters, intensity_range, settings, pca, tile, fused, progress)
+        _run_axis(encoder, volume, group, a, plan)
     if fused:
         _fuse(group, clusters, pca, axes, shape, tile, progress)
     group.attrs.update({
@@ -138,7 +139,33 @@ def _chunks(shape: tuple[int, ...], axis: int, tile: int) -> tuple[int, ...]:
     return tuple(1 if i == axis else min(s, tile) for i, s in enumerate(shape))
 
 
-def _run_axis(encoder, volume, group, axis, clusters, intensity_range, settings, pca, tile, fused, progress):
+@dataclass(frozen=True)
+class AxisPass:
+    """What one pass along a slicing axis needs besides the encoder, the volume and the output group.
+
+    ``clusters``: output array name → cluster model; ``intensity_range``: ``(lo, hi)`` mapped to [0, 1];
+    ``pca``: optional ``(mean (D,), components (d, D))``; ``tile``: in-plane tile side in pixels; ``fused``:
+    write per-axis squared distances (tri-planar) instead of labels; ``progress``: show a progress bar.
+    """
+
+    clusters: dict[str, ClusterModel]
+    intensity_range: tuple[float, float]
+    settings: SegmentSettings
+    pca: tuple[np.ndarray, np.ndarray] | None
+    tile: int
+    fused: bool
+    progress: bool
+
+
+def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, plan: AxisPass) -> None:
+    """Embed and label every plane of ``volume`` (Z, Y, X) normal to ``axis`` not yet done, tile by tile.
+
+    Per tile, features ``(D, th, tw)`` become labels ``(th, tw)`` in ``group[name]`` (or, ``fused``, squared
+    distances ``(k, th, tw)`` in ``group["dist_<name>_axis<axis>"]``) and, with ``pca``, reduced features in
+    ``features_pca``. Finished planes are recorded in ``group.attrs["done"]`` so an interrupted run resumes.
+    """
+    clusters, intensity_range, settings, pca = plan.clusters, plan.intensity_range, plan.settings, plan.pca
+    tile, fused, progress = plan.tile, plan.fused, plan.progress
     done = set(group.attrs.get("done", {}).get(str(axis), []))
     shape = tuple(int(s) for s in volume.shape)
     height, width = plane_shape(shape, axis)

@@ -27,22 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from micromae.config import Amp, Normalize, TrainConfig, from_dict, load_config, save_config, to_dict
+from micromae.config import Amp, Normalize, TrainConfig, from_dict, load_config, to_dict
 from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
 from micromae.models.heads.classifier import ViTClassifier
 from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_encoder
-from micromae.train import engine
+from micromae.runtime import say
 from micromae.train.checkpoint import load_checkpoint
 from micromae.train.classify_data import (LabelledCrops, accuracy_report, crop_stream, load_labelled_crops, predict,
                                           select_files)
-from micromae.train.distributed import cleanup_distributed, init_distributed
 from micromae.train.engine import Objective, TrainResult
 from micromae.train.layer_decay import build_layer_decay_optimizer
-from micromae.train.log import say
-from micromae.train.pretrain import start_run
+from micromae.train.run import RunContext, RunPlan, run_training
 
 
 @dataclass
@@ -284,47 +282,35 @@ def resolve_config(cfg: ClassifyConfig, encoder: ViTEncoder, crops: LabelledCrop
                                       "num_classes": len(crops.classes)})
 
 
-def run_classify_finetune(cfg: ClassifyConfig, run_dir: str | Path, resume: str | None = None,
-                          stop_after: int | None = None, crops: LabelledCrops | None = None) -> ClassifyResult:
-    """Fine-tune a classifier; writes config.yaml, log.jsonl, tb/, checkpoints/ and (with test files)
-    eval.json in ``run_dir``. ``crops``: already-read crops at the right size (the protocol passes them)."""
-    run_dir = Path(run_dir)
-    check_classify_config(cfg)
-    info, device = init_distributed(cfg.train.device)
-    try:
-        resume_path = start_run(run_dir, resume)
-        torch.manual_seed(cfg.train.seed + info.rank)
-        np.random.seed(cfg.train.seed + info.rank)  # timm's Mixup draws from numpy's global generator
-        encoder, origin = build_encoder(cfg)
-        if crops is None:
-            if cfg.data.root is None:
-                raise input_error("data.root", "a folder of class sub-folders of crops", "nothing",
-                                  "Set data.root=/path/to/cells (e.g. the cells/ folder of micromae data synth-mif)")
-            crops = load_labelled_crops(cfg.data.root, encoder.img_size[0], cfg.data.axes, cfg.data.channels,
-                                        cfg.data.classes, cfg.data.normalize, cfg.data.percentiles)
-        check_channels(encoder, crops, cfg.init)
-        if tuple(crops.images.shape[-2:]) != encoder.img_size:
-            raise input_error("crops", f"side {encoder.img_size[0]} (the model's input)",
-                              str(tuple(crops.images.shape[-2:])), "Read the crops at the model's size")
-        cfg = resolve_config(cfg, encoder, crops)
-        train_idx, test_idx = split_parts(cfg, crops)
-        tcfg = engine_config(cfg, len(train_idx), info.world_size)
-        model = ViTClassifier(encoder, len(crops.classes))
-        objective = ClassifyObjective(model, cfg)
-        config_dict = {**to_dict(cfg), "resolved_train": to_dict(tcfg), "init_info": origin}
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            say(f"classification: {len(train_idx)} train / {len(test_idx)} test crops, classes {crops.classes}; "
-                f"init {cfg.init}; {tcfg.steps} steps, lr {tcfg.lr:.3g}; device {device}")
-        images, labels = crops.images[train_idx], crops.labels[train_idx]
+def build_classify_run(cfg: ClassifyConfig, ctx: RunContext, crops: LabelledCrops | None = None) -> RunPlan:
+    """Encoder, crops (read at the encoder's side unless given), train / test parts, classifier and objective;
+    the finish step scores the test part into ``eval.json``."""
+    info, run_dir = ctx.info, ctx.run_dir
+    encoder, origin = build_encoder(cfg)
+    if crops is None:
+        if cfg.data.root is None:
+            raise input_error("data.root", "a folder of class sub-folders of crops", "nothing",
+                              "Set data.root=/path/to/cells (e.g. the cells/ folder of micromae data synth-mif)")
+        crops = load_labelled_crops(cfg.data.root, encoder.img_size[0], cfg.data.axes, cfg.data.channels,
+                                    cfg.data.classes, cfg.data.normalize, cfg.data.percentiles)
+    check_channels(encoder, crops, cfg.init)
+    if tuple(crops.images.shape[-2:]) != encoder.img_size:
+        raise input_error("crops", f"side {encoder.img_size[0]} (the model's input)",
+                          str(tuple(crops.images.shape[-2:])), "Read the crops at the model's size")
+    cfg = resolve_config(cfg, encoder, crops)
+    train_idx, test_idx = split_parts(cfg, crops)
+    tcfg = engine_config(cfg, len(train_idx), info.world_size)
+    model = ViTClassifier(encoder, len(crops.classes))
+    config_dict = {**to_dict(cfg), "resolved_train": to_dict(tcfg), "init_info": origin}
+    message = (f"classification: {len(train_idx)} train / {len(test_idx)} test crops, classes {crops.classes}; "
+               f"init {cfg.init}; {tcfg.steps} steps, lr {tcfg.lr:.3g}; device {ctx.device}")
+    images, labels = crops.images[train_idx], crops.labels[train_idx]
 
-        def open_stream(start: int):
-            return crop_stream(images, labels, cfg.train.batch_size, start, cfg.train.seed, cfg.data.augment,
-                               info.rank, info.world_size)
+    def open_stream(start: int):
+        return crop_stream(images, labels, cfg.train.batch_size, start, cfg.train.seed, cfg.data.augment,
+                           info.rank, info.world_size)
 
-        result = engine.train(tcfg, objective, open_stream, run_dir, config_dict, info, device,
-                              resume_from=resume_path, stop_after=stop_after)
+    def finish(result: TrainResult) -> ClassifyResult:
         test = None
         if len(test_idx) and result.step >= tcfg.steps:
             test = accuracy_report(predict(model, crops.images[test_idx]), crops.labels[test_idx], crops.classes)
@@ -333,8 +319,18 @@ def run_classify_finetune(cfg: ClassifyConfig, run_dir: str | Path, resume: str 
                     tmp.write_text(json.dumps({**test, "step": result.step, "test_files": len(test_idx)}, indent=2))
                 say(f"test accuracy {test['accuracy']:.4f} on {len(test_idx)} crops")
         return ClassifyResult(result.step, result.last_loss, result.run_dir, result.checkpoint, test, model)
-    finally:
-        cleanup_distributed(info)
+
+    return RunPlan(ClassifyObjective(model, cfg), open_stream, cfg, messages=[message], train_cfg=tcfg,
+                   config_dict=config_dict, finish=finish)
+
+
+def run_classify_finetune(cfg: ClassifyConfig, run_dir: str | Path, resume: str | None = None,
+                          stop_after: int | None = None, crops: LabelledCrops | None = None) -> ClassifyResult:
+    """Fine-tune a classifier; writes config.yaml, log.jsonl, tb/, checkpoints/ and (with test files)
+    eval.json in ``run_dir``. ``crops``: already-read crops at the right size (the protocol passes them).
+    numpy's global generator is seeded too: timm's Mixup draws from it."""
+    return run_training(cfg, run_dir, resume, stop_after, check_classify_config,
+                        lambda ctx: build_classify_run(cfg, ctx, crops), seed_numpy=True)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ViTClassifier, ClassifyConfig]:

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from micromae.data.multichannel import MultiChannelImageFolder
 from micromae.errors import input_error
+from micromae.runtime import eval_mode
 
 __all__ = ["LabelledCrops", "load_labelled_crops", "select_files", "crop_stream", "flip_rotate",
            "predict", "accuracy_report"]
@@ -70,8 +72,6 @@ def load_labelled_crops(root: str | Path, size: int, axes: str | None = None,
     Raises MicromaeInputError for a folder without class sub-folders or with fewer than two classes that have
     crops.
     """
-    from micromae.data.multichannel import MultiChannelImageFolder
-
     root = Path(root)
     dataset = MultiChannelImageFolder(root, axes=axes, size=size, channels=channels, classes=classes,
                                       normalize=normalize, percentiles=percentiles)
@@ -140,14 +140,12 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256)
     """Class probabilities ``(N, K)`` (float32, CPU) of ``images (N, C, S, S)``, in eval mode, on the model's
     device (bf16 autocast on CUDA)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images[i:i + batch_size].to(device))
-        out.append(logits.float().softmax(-1).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(images[i:i + batch_size].to(device))
+            out.append(logits.float().softmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "num_classes", 0))
 
 

@@ -20,9 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from micromae.config import TrainConfig
+from micromae.runtime import say
 from micromae.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from micromae.train.distributed import DistInfo, all_reduce_mean
-from micromae.train.log import RunLogger, say
+from micromae.train.log import RunLogger
 from micromae.train.optim import build_optimizer, build_scheduler
 
 

@@ -18,24 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from micromae.config import ModelConfig, Normalize, TrainConfig, from_dict, load_config, save_config, to_dict
+from micromae.config import ModelConfig, Normalize, TrainConfig, from_dict, load_config
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
+from micromae.data.run_folder import synthetic_mif_in_run
 from micromae.errors import input_error
 from micromae.models import ViTEncoder
 from micromae.models.heads.maskrcnn import build_maskrcnn
 from micromae.models.pretrained import load_encoder
-from micromae.train import engine
+from micromae.runtime import eval_mode, unwrap
 from micromae.train.checkpoint import load_checkpoint
-from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
+from micromae.train.distributed import main_process_first
 from micromae.train.engine import Objective, TrainResult
 from micromae.train.layer_decay import build_layer_decay_optimizer
-from micromae.train.log import say
-from micromae.train.pretrain import start_run
+from micromae.train.run import RunContext, RunPlan, run_training
 
 SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 INFERENCE = ("whole", "tiles")
@@ -205,12 +204,7 @@ def build_instance_dataset(cfg: MaskRCNNConfig, run_dir: Path) -> CocoInstanceDa
     d = cfg.data
     annotations = d.annotations
     if d.source == "synthetic_mif":
-        from micromae.data.synthetic_mif import write_mif_dataset
-
-        root = run_dir / "synthetic_mif"
-        if not (root / "annotations.json").is_file():
-            write_mif_dataset(root, n_images=d.n_images, shape=tuple(d.synthetic_shape), seed=d.synthetic_seed,
-                              overwrite=True)
+        root = synthetic_mif_in_run(run_dir, d.n_images, d.synthetic_shape, d.synthetic_seed)
         annotations = str(root / "annotations.json")
     return CocoInstanceDataset(annotations, image_root=d.image_root, axes=d.axes, crop_size=d.crop_size,
                                scale_range=d.scale_range, flip=d.flip, normalize=d.normalize,
@@ -262,11 +256,10 @@ class InstanceObjective(Objective):
 
         from micromae.figures import plt, save_figure
 
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        was_training = model.training
-        model.eval()
+        model = unwrap(self.model)
         images, targets = batch[0][:4], batch[1][:4]
-        outputs = model(list(images.float()))
+        with eval_mode(model):
+            outputs = model(list(images.float()))
         fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 2.8), squeeze=False)
         for ax, img, tgt, out in zip(axes[0], images, targets, outputs):
             ax.imshow(img[0].float().cpu().numpy(), cmap="gray")
@@ -276,39 +269,33 @@ class InstanceObjective(Objective):
             ax.set_axis_off()
         axes[0, 0].set_title("green: truth, red: detections > 0.5", fontsize=7, loc="left")
         save_figure(fig, path)
-        model.train(was_training)
+
+
+def build_maskrcnn_run(cfg: MaskRCNNConfig, ctx: RunContext) -> RunPlan:
+    """The instance data set, the encoder (from ``cfg.init`` unless resuming), the detector and its objective;
+    the classes are resolved into ``cfg`` from the data."""
+    info, device, run_dir = ctx.info, ctx.device, ctx.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # the main process writes synthetic images once, the others wait and read them
+    dataset = main_process_first(info, lambda: build_instance_dataset(cfg, run_dir))
+    # a resumed run gets its weights from its own checkpoint
+    encoder, origin = init_encoder(cfg) if ctx.resume_from is None else (build_encoder(cfg), "resume")
+    resolve_classes(cfg, dataset, encoder, origin)
+    model = build_model(cfg, encoder)
+    n_params = sum(p.numel() for p in model.parameters())
+    message = (f"device {device}, world size {info.world_size}; Mask R-CNN {n_params / 1e6:.2f} M parameters, "
+               f"{cfg.num_classes} class(es); encoder init {origin}; {len(dataset)} images, "
+               f"{cfg.data.crop_size}-px crops; run dir {run_dir}")
+
+    def open_stream(start: int):
+        return instance_batches(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
+                                cfg.data.num_workers, device.type == "cuda")
+
+    return RunPlan(InstanceObjective(model, encoder, cfg.layer_decay), open_stream, cfg, messages=[message])
 
 
 def run_maskrcnn_finetune(cfg: MaskRCNNConfig, run_dir: str | Path, resume: str | None = None,
                           stop_after: int | None = None) -> TrainResult:
     """Train Mask R-CNN; writes config.yaml (classes resolved), log.jsonl, tb/, checkpoints/, figures/."""
-    check_maskrcnn_config(cfg)
-    run_dir = Path(run_dir)
-    info, device = init_distributed(cfg.train.device)
-    try:
-        resume_path = start_run(run_dir, resume)
-        torch.manual_seed(cfg.train.seed + info.rank)
-        np.random.seed(cfg.train.seed + info.rank)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # the main process writes synthetic images once, the others wait and read them
-        dataset = main_process_first(info, lambda: build_instance_dataset(cfg, run_dir))
-        # a resumed run gets its weights from its own checkpoint
-        encoder, origin = init_encoder(cfg) if resume_path is None else (build_encoder(cfg), "resume")
-        resolve_classes(cfg, dataset, encoder, origin)
-        model = build_model(cfg, encoder)
-        if info.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            n_params = sum(p.numel() for p in model.parameters())
-            say(f"device {device}, world size {info.world_size}; Mask R-CNN {n_params / 1e6:.2f} M parameters, "
-                f"{cfg.num_classes} class(es); encoder init {origin}; {len(dataset)} images, "
-                f"{cfg.data.crop_size}-px crops; run dir {run_dir}")
-
-        def open_stream(start: int):
-            return instance_batches(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
-                                    cfg.data.num_workers, device.type == "cuda")
-
-        objective = InstanceObjective(model, encoder, cfg.layer_decay)
-        return engine.train(cfg.train, objective, open_stream, run_dir, to_dict(cfg), info, device,
-                            resume_from=resume_path, stop_after=stop_after)
-    finally:
-        cleanup_distributed(info)
+    return run_training(cfg, run_dir, resume, stop_after, check_maskrcnn_config,
+                        lambda ctx: build_maskrcnn_run(cfg, ctx), seed_numpy=True)

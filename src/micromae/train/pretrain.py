@@ -6,21 +6,19 @@ from pathlib import Path
 
 import torch
 
-from micromae.config import PretrainConfig, save_config, to_dict
+from micromae.config import PretrainConfig, to_dict
 from micromae.data.image_stream import build_image_dataset, image_stream
 from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
-from micromae.models import MaskedAutoencoder
-from micromae.train.checkpoint import find_resume_checkpoint
-from micromae.train.distributed import cleanup_distributed, init_distributed, main_process_first
-from micromae.train.engine import TrainResult, train
 from micromae.figures import plot_loss_curves
-from micromae.train.log import read_log, say
+from micromae.models import MaskedAutoencoder
 from micromae.train.dama_objectives import build_dama_comparison_objective
-from micromae.train.engine import Objective
+from micromae.train.distributed import main_process_first
+from micromae.train.engine import Objective, TrainResult
+from micromae.train.log import read_log
 from micromae.train.objectives import MAEObjective
-
+from micromae.train.run import RunContext, RunPlan, run_training
 
 IMAGE_SOURCES = ("images", "synthetic_mif")
 
@@ -53,19 +51,6 @@ def build_sampler(cfg: PretrainConfig, rank: int = 0) -> PlaneCropSampler:
     )
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``None`` → fresh run; ``auto`` → the run's last checkpoint if any; else a checkpoint path."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        return find_resume_checkpoint(run_dir)
-    path = Path(resume)
-    if not path.is_file():
-        raise input_error("--resume", "auto or an existing checkpoint file", repr(resume),
-                          "Use --resume auto to continue the run in --run-dir")
-    return path
-
-
 LOSS_TERMS = ("loss", "loss_p1", "loss_p2", "loss_f")
 
 
@@ -76,54 +61,46 @@ def plot_run_losses(run_dir: Path) -> Path | None:
     return plot_loss_curves(records, run_dir / "figures" / "loss.png", keys=keys) if keys else None
 
 
-def start_run(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from (see :func:`resolve_resume`); refuses to start afresh over a finished or
-    interrupted run, so nothing is overwritten by accident."""
-    resume_path = resolve_resume(run_dir, resume)
-    if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
-        raise input_error(f"run directory '{run_dir}'", "a new or empty run directory",
-                          "a run with checkpoints", "Pass --resume auto to continue it, or another --run-dir")
-    return resume_path
+def check_pretrain_config(cfg: PretrainConfig) -> None:
+    """Refuse a run the volume sampler cannot feed: plane crops of volumes have one channel."""
+    if cfg.model.in_chans != 1 and cfg.data.source not in IMAGE_SOURCES:
+        raise input_error("model.in_chans", "1 for volume pre-training (plane crops of one channel)",
+                          str(cfg.model.in_chans), "Set model.in_chans=1, or use data.source=images")
+
+
+def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
+    """The data stream (images or volume plane crops), the model and its objective, and the loss figure."""
+    info, device, run_dir = ctx.info, ctx.device, ctx.run_dir
+    if cfg.data.source in IMAGE_SOURCES:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # the main process writes synthetic images once, the others wait and read them
+        dataset = main_process_first(info, lambda: build_image_dataset(cfg, run_dir))
+
+        def open_stream(start: int):
+            return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
+                                info.world_size, cfg.data.num_workers, device.type == "cuda")
+    else:
+        sampler = build_sampler(cfg, rank=info.rank)
+
+        def open_stream(start: int):
+            return make_loader(sampler, cfg.train.batch_size, start_step=start,
+                               num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    model = build_model(cfg)
+    objective = build_objective(cfg, model)
+    n_params = sum(p.numel() for p in objective.model.parameters())
+    message = (f"device {device} ({cfg.train.device}), world size {info.world_size}, "
+               f"{torch.get_num_threads()} CPU threads; model {n_params / 1e6:.2f} M parameters; run dir {run_dir}")
+
+    def finish(result: TrainResult) -> TrainResult:
+        if info.is_main:
+            plot_run_losses(run_dir)
+        return result
+
+    return RunPlan(objective, open_stream, cfg, messages=[message], finish=finish)
 
 
 def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = None,
                  stop_after: int | None = None) -> TrainResult:
     """Pre-train a masked autoencoder; writes config.yaml, log.jsonl, tb/, checkpoints/, figures/ in run_dir."""
-    run_dir = Path(run_dir)
-    images = cfg.data.source in IMAGE_SOURCES
-    if cfg.model.in_chans != 1 and not images:
-        raise input_error("model.in_chans", "1 for volume pre-training (plane crops of one channel)",
-                          str(cfg.model.in_chans), "Set model.in_chans=1, or use data.source=images")
-    info, device = init_distributed(cfg.train.device)
-    try:
-        resume_path = start_run(run_dir, resume)
-        torch.manual_seed(cfg.train.seed + info.rank)
-        if images:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # the main process writes synthetic images once, the others wait and read them
-            dataset = main_process_first(info, lambda: build_image_dataset(cfg, run_dir))
-
-            def open_stream(start: int):
-                return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
-                                    info.world_size, cfg.data.num_workers, device.type == "cuda")
-        else:
-            sampler = build_sampler(cfg, rank=info.rank)
-
-            def open_stream(start: int):
-                return make_loader(sampler, cfg.train.batch_size, start_step=start,
-                                   num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-        model = build_model(cfg)
-        objective = build_objective(cfg, model)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            n_params = sum(p.numel() for p in objective.model.parameters())
-            say(f"device {device} ({cfg.train.device}), world size {info.world_size}, "
-                f"{torch.get_num_threads()} CPU threads; model {n_params / 1e6:.2f} M parameters; run dir {run_dir}")
-        result = train(cfg.train, objective, open_stream, run_dir, to_dict(cfg), info, device,
-                       resume_from=resume_path, stop_after=stop_after)
-        if info.is_main:
-            plot_run_losses(run_dir)
-        return result
-    finally:
-        cleanup_distributed(info)
+    return run_training(cfg, run_dir, resume, stop_after, check_pretrain_config,
+                        lambda ctx: build_pretrain_run(cfg, ctx))
