@@ -22,9 +22,11 @@ demo: $(STAMP)
 	$(VENV)/bin/micromae demo --out runs/demo
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 --timeout 900 tests
 
 test-fast: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
 bench: $(STAMP)

@@ -1,6 +1,7 @@
-"""Cover-and-stride pixel embedding (MAESTER.md section 3): MFU, speed-up over the naive reference, fast modes.
+"""Cover-and-stride pixel embedding (docs/METHODS.md, cover-and-stride): MFU, speed-up over the naive reference,
+fast modes.
 
-Figures (one JSON line each; see PERFORMANCE.md and BENCHMARKS.md "Segmentation"):
+Figures (one JSON line each; goals in docs/METHODS.md, figures in BENCHMARKS.md "Segmentation"):
 
 - ``peak`` / ``peak_end``: matmul GFLOP/s at the start and the end of the run (the MFU denominator is ``peak``).
 - ``cover_stride_mfu`` (goal >= 0.8): exact embedding of a 256x256 image with the paper encoder (p 5, FOV 80,
@@ -32,15 +33,16 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from common import (Reporter, encoder_flops, log, measure_peak, median, parse_args, report_peak, resolve_device,
-                    synchronize, time_call)
+                    time_call, timed)
 from micromae.models import ViTEncoder, vit_maester
 from micromae.segment.cover_stride import count_windows, embed_pixels, embed_pixels_batch, embed_pixels_naive
 
@@ -83,15 +85,6 @@ def label_agreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None
     return float(same[mask].mean() if mask is not None else same.mean())
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """``(seconds, result)`` of one call of ``fn`` (synchronised on CUDA)."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def paper_encoder(quick: bool, device: torch.device) -> ViTEncoder:
     """The MAESTER encoder in eval mode (random weights: speed does not depend on them); with ``quick`` a
     1-block, 32-wide stand-in with FOV 60 (12x12 tokens, so that c = 12 stays valid)."""
@@ -130,7 +123,7 @@ def bench_paper(rep: Reporter, plan: Plan, device: torch.device, peak: float, qu
 
     def exact() -> float:
         log(f"paper encoder: exact embedding of {size}x{size} ({windows} windows, batch {batch})")
-        return timed(lambda: embed_pixels(enc, image, batch_size=batch), device)[0]
+        return time_call(lambda: embed_pixels(enc, image, batch_size=batch), device)
 
     encoder_alone(enc, batch, device, 1)  # warm-up
     local = [local_peak(device, quick)]
@@ -140,7 +133,7 @@ def bench_paper(rep: Reporter, plan: Plan, device: torch.device, peak: float, qu
     t_mode = {}
     for name in ("central_8", "central_12", "fast"):
         log(f"paper encoder: {name} on {size}x{size} ({count_windows(size, size, enc, **MODES[name])} windows)")
-        t_mode[name] = median([timed(lambda: embed_pixels(enc, image, batch_size=batch, **MODES[name]), device)[0]
+        t_mode[name] = median([time_call(partial(embed_pixels, enc, image, batch_size=batch, **MODES[name]), device)
                                for _ in range(plan.fast_repeat if name == "fast" else 1)])
     t_exact.append(exact())
     t_enc += encoder_alone(enc, batch, device, 2)
@@ -169,9 +162,9 @@ def bench_naive(rep: Reporter, enc: ViTEncoder, crop: torch.Tensor, batch: int, 
     """Exact vs ``embed_pixels_naive`` on ``crop`` (H, W): exact timed before (after a warm-up) and after."""
     n = crop.shape[-1]
     log(f"paper encoder: naive vs exact on a {n}x{n} crop")
-    t_exact = [timed(lambda: embed_pixels(enc, crop, batch_size=batch), device)[0] for _ in range(2)][1:]
-    t_naive, naive = timed(lambda: embed_pixels_naive(enc, crop, batch_size=batch), device)
-    t_after, exact = timed(lambda: embed_pixels(enc, crop, batch_size=batch), device)
+    t_exact = [time_call(lambda: embed_pixels(enc, crop, batch_size=batch), device) for _ in range(2)][1:]
+    naive, t_naive, _ = timed(lambda: embed_pixels_naive(enc, crop, batch_size=batch), device)
+    exact, t_after, _ = timed(lambda: embed_pixels(enc, crop, batch_size=batch), device)
     t_exact.append(t_after)
     seconds = sum(t_exact) / len(t_exact)
     diff = (naive.to(exact.device) - exact).abs().max().item()
@@ -188,7 +181,7 @@ def tiny_config(plan: Plan, device: torch.device) -> Any:
     from micromae.config import PretrainConfig, load_config
 
     z, y, x = plan.tiny_volume
-    overrides = [f"name=maester_tiny_fov60", "model.img_size=60", "model.patch_size=5", f"train.steps={plan.tiny_steps}",
+    overrides = ["name=maester_tiny_fov60", "model.img_size=60", "model.patch_size=5", f"train.steps={plan.tiny_steps}",
                  f"train.batch_size={plan.tiny_batch}", f"data.synthetic_shape=[{z},{y},{x}]",
                  f"data.planes=[{','.join(plan.tiny_planes)}]", f"train.device={device.type}",
                  "train.figure_every=0", "train.ckpt_every=0", "train.log_every=50"]
@@ -251,8 +244,9 @@ def bench_tiny(rep: Reporter, plan: Plan, device: torch.device, out: Path) -> No
                pretrain_seconds=train_s, k=plan.k, samples=plan.samples, slices=zs.tolist(),
                plane=list(stack.shape[-2:]), volume=list(em.image.shape))
     def embed(kw: dict[str, Any]) -> tuple[float, torch.Tensor]:
-        return timed(lambda: embed_pixels_batch(encoder, stack, batch_size=plan.batch_size, intensity_range=rng,
-                                                **kw), device)
+        result, seconds, _ = timed(lambda: embed_pixels_batch(encoder, stack, batch_size=plan.batch_size,
+                                                              intensity_range=rng, **kw), device)
+        return seconds, result
 
     seconds, labels, scores = {}, {}, {}
     for name, kw in MODES.items():

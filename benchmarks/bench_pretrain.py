@@ -18,7 +18,7 @@ import torch
 from common import Reporter, autocast, log, mae_flops, median, parse_args, report_peak, resolve_device, time_call
 from micromae.models import MaskedAutoencoder, mae_maester
 
-# MAESTER's optimiser (MAESTER.md section 1)
+# MAESTER's optimiser (AdamW 1.5e-4, wd 1e-5, betas 0.9/0.999)
 ADAMW = dict(lr=1.5e-4, weight_decay=1e-5, betas=(0.9, 0.999))
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
-from micromae.cli import resolve_config
+from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.synthetic_mif import write_mif_dataset
 from micromae.evaluate.classification import run_evaluate_classification

@@ -1,4 +1,4 @@
-"""Shared pieces of the micromae benchmarks (see /work/shared/spec/PERFORMANCE.md and BENCHMARKS.md).
+"""Shared pieces of the micromae benchmarks (how speed is measured: docs/METHODS.md; the figures: BENCHMARKS.md).
 
 Every figure is a ratio measured in the same process and the same run: ``peak`` (GFLOP/s of a large matmul) is
 measured at the start of every script, model FLOPs are counted analytically, and MFU = achieved model GFLOP/s
@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import timm
@@ -34,7 +36,7 @@ from micromae.errors import input_error
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 __all__ = [
-    "OUT_DIR", "parse_args", "resolve_device", "autocast", "synchronize", "time_call", "median",
+    "OUT_DIR", "parse_args", "resolve_device", "autocast", "synchronize", "clock", "timed", "time_call", "median",
     "measure_peak", "report_peak", "linear_flops", "block_flops", "vit_flops", "encoder_flops", "mae_flops",
     "cpu_model", "environment", "busy_cpu_seconds", "own_cpu_seconds", "OtherLoad", "Reporter", "log",
 ]
@@ -85,13 +87,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def clock(device: torch.device | None = None, digits: int | None = None) -> Iterator[dict[str, float]]:
+    """Time the block: the dict it yields gets ``wall_s`` (wall-clock seconds) and ``cpu_s`` (CPU seconds of
+    this process, all threads, and of its finished children such as data-loader workers) when the block ends.
+    With a CUDA ``device`` queued GPU work is waited for before and after; ``digits`` rounds both."""
+    times: dict[str, float] = {}
+    if device is not None:
+        synchronize(device)
+    cpu, wall = own_cpu_seconds(), time.perf_counter()
+    try:
+        yield times
+    finally:
+        if device is not None:
+            synchronize(device)
+        times["wall_s"] = time.perf_counter() - wall
+        times["cpu_s"] = own_cpu_seconds() - cpu
+        if digits is not None:
+            times.update({k: round(v, digits) for k, v in times.items()})
+
+
+def timed(fn: Callable[[], Any], device: torch.device | None = None) -> tuple[Any, float, float]:
+    """``(result, wall seconds, CPU seconds)`` of one call of ``fn`` (see :func:`clock`)."""
+    with clock(device) as times:
+        result = fn()
+    return result, times["wall_s"], times["cpu_s"]
+
+
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes, with synchronisation before and after on CUDA."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+    """Wall-clock seconds one call of ``fn`` takes, with synchronisation before and after on CUDA."""
+    return timed(fn, device)[1]
 
 
 def median(values: list[float]) -> float:

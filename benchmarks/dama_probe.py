@@ -43,7 +43,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
-from micromae.cli import resolve_config
+from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.channel_norm import normalize_channels
 from micromae.data.synthetic_mif import CELL_TYPES, extract_cell_crops, make_mif_image

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
-from micromae.cli import resolve_config
+from common import OUT_DIR, Reporter, log, resolve_device, timed
+from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.synthetic_mif import write_mif_dataset
 from micromae.evaluate.coco import run_evaluate_instances
@@ -65,12 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default="random,dama,random_ld1,dama_ld1",
                         help="fine-tuning runs: random, dama (layer decay 0.7), random_ld1, dama_ld1 (1.0)")
     return parser.parse_args(argv)
-
-
-def timed(fn, *args, **kwargs):
-    cpu, wall = own_cpu_seconds(), time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, own_cpu_seconds() - cpu, time.perf_counter() - wall
 
 
 def token_variance(checkpoint: Path | None, coco: Path, normalize: str = "dtype",
@@ -110,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                  if args.quick else []))
         if args.checkpoint is None:
             log(f"pre-training dama_tiny for {pre_steps} steps")
-            pre, cpu, wall = timed(run_pretrain, pre_cfg, tmp / "dama")
+            pre, wall, cpu = timed(lambda: run_pretrain(pre_cfg, tmp / "dama"))
             rep.emit("cpu_s", cpu, "s", None, stage="pretrain dama_tiny", steps=pre_steps, wall_s=wall)
             pretrained = pre.checkpoint
         else:
@@ -131,19 +125,20 @@ def main(argv: list[str] | None = None) -> int:
                                        f"train.seed={seed}"] + (QUICK_DATA if args.quick else []))
             log(f"fine-tuning maskrcnn_tiny ({arm}, seed {seed}) for {steps} steps")
             torch.manual_seed(seed)
-            result, cpu, wall = timed(run_maskrcnn_finetune, cfg, tmp / f"run_{len(rows)}")
+            result, wall, cpu = timed(partial(run_maskrcnn_finetune, cfg, tmp / f"run_{len(rows)}"))
             rep.emit("cpu_s", cpu, "s", None, stage=f"finetune {arm}", steps=steps, wall_s=wall)
             modes = ("tiles", "whole") if arm == "random init" else ("tiles",)
             for mode in modes:
-                metrics, cpu, wall = timed(run_evaluate_instances, test, tmp / f"eval_{len(rows)}",
-                                           checkpoint=result.checkpoint, device=device.type, inference=mode)
+                metrics, wall, cpu = timed(partial(run_evaluate_instances, test, tmp / f"eval_{len(rows)}",
+                                                   checkpoint=result.checkpoint, device=device.type, inference=mode))
                 rep.emit("cpu_s", cpu, "s", None, stage=f"evaluate {arm} ({mode})", wall_s=wall)
                 for iou_type, name in (("bbox", "box"), ("segm", "mask")):
                     for key in ("mAP", "mAP50", "mAP75"):
                         rep.emit(f"{name}_{key}", metrics[iou_type][key], "AP", None, init=arm,
                                  inference=mode, steps=steps, normalize=args.normalize, seed=seed)
                 label = arm if len(args.seeds) == 1 else f"{arm}, seed {seed}"
-                rows.append([label, mode] + [metrics[t][k] for t in ("bbox", "segm") for k in ("mAP", "mAP50", "mAP75")])
+                rows.append([label, mode] + [metrics[t][k] for t in ("bbox", "segm")
+                                             for k in ("mAP", "mAP50", "mAP75")])
     rep.close()
     table = markdown_table(rows, ["encoder", "inference", "box mAP", "box AP50", "box AP75", "mask mAP",
                                   "mask AP50", "mask AP75"])

@@ -33,14 +33,14 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from micromae.cli import resolve_config
+from common import clock as timed_clock
+from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.synthetic_em import CLASS_NAMES, make_em_volume, write_em_volume
 from micromae.evaluate.metrics import evaluate_segmentation
@@ -53,15 +53,6 @@ NUCLEI_CLASSES = ["background", "nucleus"]
 
 def log(msg: str) -> None:
     print(f"[segmentation_quality] {msg}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def timed(clock: dict[str, float]) -> Iterator[dict[str, float]]:
-    """Fill ``clock`` with ``cpu_s`` (process CPU time, all threads) and ``wall_s`` of the block."""
-    c0, w0 = time.process_time(), time.perf_counter()
-    yield clock
-    clock["cpu_s"] = round(time.process_time() - c0, 1)
-    clock["wall_s"] = round(time.perf_counter() - w0, 1)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -113,12 +104,12 @@ def baseline_rows(image: np.ndarray, ref: np.ndarray, names: list[str], base: di
     rows = []
     inside = image if mask is None else image[mask]
     for k in kmeans_k:
-        with timed({}) as clock:
+        with timed_clock(digits=1) as clock:
             pred = intensity_kmeans(image, k, fit_values=inside)
         rows += score_rows(pred, ref, names, {**base, "method": f"intensity k-means (k={k})", **clock},
                            mask=mask, ignore=ignore)
     for classes in otsu:
-        with timed({}) as clock:
+        with timed_clock(digits=1) as clock:
             pred = otsu_classes(image, classes, fit_values=inside)
         label = "Otsu (2 classes)" if classes == 2 else f"multi-Otsu ({classes} classes)"
         rows += score_rows(pred, ref, names, {**base, "method": label, **clock}, mappings=("hungarian",),
@@ -133,7 +124,7 @@ def pretrain(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, di
 
     cfg = load_config(resolve_config(preset), PretrainConfig, overrides)
     log(f"pre-training {preset} {' '.join(overrides)} in {run_dir}")
-    with timed({}) as clock:
+    with timed_clock(digits=1) as clock:
         result = run_pretrain(cfg, run_dir, resume="auto")
     return Path(result.checkpoint), {**clock, "steps": result.step, "final_loss": round(result.last_loss, 5)}
 
@@ -144,7 +135,7 @@ def maester_labels(checkpoint: Path, image: np.ndarray, ks: list[int], work: Pat
 
     mask: k-means is fitted on pixels inside it only (as ``micromae segment --mask``)."""
     out = work / f"seg_{time.monotonic_ns()}.zarr"
-    with timed({}) as clock:
+    with timed_clock(digits=1) as clock:
         run_segment(checkpoint, image, out, k=ks[0], sweep=ks[1:], settings=SegmentSettings(mode="exact"),
                     n_samples=n_samples, seed=seed, device="cpu", overwrite=True, save_sample=False,
                     mask_path=None if mask is None else mask.astype(np.uint8))
@@ -218,14 +209,14 @@ def supervised_rows(checkpoint: Path | None, train_seed: int, shape: tuple[int, 
             overrides += [o for o in extra if o.startswith("train.") or o.startswith("data.planes")]
             cfg = load_seg_finetune_config(resolve_config(preset), overrides)
             log(f"supervised {preset} from {tag}: {cfg.train.steps} steps on partial labels of seed {train_seed}")
-            with timed({}) as clock:
+            with timed_clock(digits=1) as clock:
                 result = run_seg_finetune(cfg, work / f"{preset}_{tag}")
             model = load_seg_model(result.checkpoint)
             for seed, vol in volumes.items():
                 image, ref = vol.image[:: args.z_step], vol.labels[:: args.z_step]
                 mask = vol.cell_mask[:: args.z_step] if args.cell_mask else None
                 ignore = ("outside",) if args.cell_mask else ()
-                with timed({}) as predict_clock:
+                with timed_clock(digits=1) as predict_clock:
                     pred = predict_volume(model, image, batch_size=64)
                 scores = segmentation_scores(pred=pred, ref=ref, mask=mask, class_names=list(CLASS_NAMES),
                                              ignore_classes=ignore)

@@ -66,7 +66,7 @@ def test_vit_flops_equals_a_hand_count(common):
 
 
 def test_maester_encoder_is_about_2_8_gflop_per_window(common):
-    """MAESTER.md section 3 quotes 2.8 GFLOP per 80x80 window."""
+    """The MAESTER paper model costs 2.8 GFLOP per 80x80 window (docs/METHODS.md, cover-and-stride)."""
     assert common.encoder_flops(vit_maester(), 1) / 1e9 == pytest.approx(2.8, rel=0.02)
 
 

@@ -69,7 +69,8 @@ def test_pos_embed_interpolation_keeps_matching_positions(tmp_path):
     path = fake_pretrain_checkpoint(tmp_path, {"encoder.": enc})
     same, info = load_encoder(path, pos_embed="interpolate")
     assert torch.equal(same.pos_embed, enc.pos_embed) and info.provenance["pretrain_img_size"] == 16
-    big, _ = load_encoder(path, img_size=48, pos_embed="interpolate")  # 12 x 12 tokens: scale 3, token 1 + 3i sits on old token i
+    # 12 x 12 tokens: scale 3, token 1 + 3i sits on old token i
+    big, _ = load_encoder(path, img_size=48, pos_embed="interpolate")
     old = enc.pos_embed[0, 1:].reshape(4, 4, -1)
     new = big.pos_embed[0, 1:].reshape(12, 12, -1)
     assert torch.allclose(new[1::3, 1::3], old, atol=1e-5)
@@ -86,7 +87,8 @@ def test_encoder_loads_from_dama_branch_and_safetensors(tmp_path):
     path = fake_pretrain_checkpoint(tmp_path, {"branch1.encoder.": b1, "branch2.encoder.": b2}, objective="dama")
     for branch, ref in ((1, b1), (2, b2)):
         enc, info = load_encoder(path, branch=branch, pos_embed="interpolate")
-        assert torch.equal(enc.patch_embed.proj.weight, ref.patch_embed.proj.weight) and info.provenance["branch"] == branch
+        assert torch.equal(enc.patch_embed.proj.weight, ref.patch_embed.proj.weight)
+        assert info.provenance["branch"] == branch
     exported = export_encoder(path, tmp_path / "enc.safetensors", branch=2)
     model = ViTClassifier.from_checkpoint(exported, num_classes=3, img_size=32, drop_path_rate=0.1)
     assert torch.equal(model.encoder.blocks[1].mlp.fc2.weight, b2.blocks[1].mlp.fc2.weight)

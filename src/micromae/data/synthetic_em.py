@@ -1,4 +1,4 @@
-"""Synthetic EM-like volumes with exact ground truth, for testing MAESTER end to end (DATA.md §2).
+"""Synthetic EM-like volumes with exact ground truth, for testing MAESTER end to end (docs/METHODS.md, Data).
 
 A volume is built in three steps:
 

@@ -1,4 +1,4 @@
-"""Synthetic multiplex immunofluorescence images with exact ground truth, for testing DAMA (DATA.md §2).
+"""Synthetic multiplex immunofluorescence images with exact ground truth, for testing DAMA (docs/METHODS.md, Data).
 
 An image has the seven channels of the DAMA rat-brain panel (``CHANNELS``) and cells of five types
 (``CELL_TYPES``). It is built in three steps (:mod:`micromae.data.synthetic_mif_render`):

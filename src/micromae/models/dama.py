@@ -1,5 +1,5 @@
 """DAMA (dual-loss adaptive masked autoencoder): two MAE branches, an adaptive second mask, and a feature
-regression from branch 1's tokens to branch 2's averaged block features (paper §4, DAMA.md §1).
+regression from branch 1's tokens to branch 2's averaged block features (paper §4; docs/METHODS.md, DAMA pre-training).
 
 Branch 1 sees a random mask and reconstructs pixels (``L_p1``); branch 2 sees the adaptive mask built from
 branch 1's per-patch loss and reconstructs pixels (``L_p2``); a head ``F_Z`` on branch 1's final encoder
