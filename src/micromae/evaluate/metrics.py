@@ -1,4 +1,4 @@
-"""Scores of an unsupervised segmentation against reference classes (MAESTER §4, betaSeg convention).
+"""Scores of an unsupervised segmentation against reference classes (betaSeg convention; docs/METHODS.md).
 
 Everything is computed from a contingency table ``table[i, j]`` = number of voxels in cluster (or predicted
 class) ``i`` and reference class ``j``. The table is accumulated block by block, so volumes of any size are
