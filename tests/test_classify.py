@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from micromae.cli import main, resolve_config
-from micromae.config import apply_overrides
+from micromae.cli import main
+from micromae.config import apply_overrides, resolve_config
 from micromae.errors import MicromaeInputError
 from micromae.models import ViTEncoder
 from micromae.models.heads.classifier import ViTClassifier

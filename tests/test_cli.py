@@ -132,6 +132,32 @@ def test_embed_writes_pixel_embeddings(tmp_path, capsys):
     assert "wrote pixel embeddings" in capsys.readouterr().out
 
 
+def test_cluster_saves_centres_of_the_checkpoints_embeddings(tmp_path, capsys):
+    import hashlib
+
+    from micromae.config import PretrainConfig, apply_overrides
+    from micromae.segment.cluster import ClusterModel
+    from micromae.train.pretrain import run_pretrain
+
+    cfg = apply_overrides(PretrainConfig(), [
+        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
+        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=1", "train.figure_every=0",
+        "train.device=cpu"])
+    run_pretrain(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    image = tmp_path / "image.npy"
+    np.save(image, make_em_volume(shape=(8, 32, 36), seed=1).image[:3])
+    out = tmp_path / "centres.npz"
+    assert main(["cluster", "--checkpoint", str(ckpt), "--input", str(image), "--axes", "ZYX", "--output", str(out),
+                 "--k", "3", "--samples", "400", "--mode", "fast", "--device", "cpu"]) == 0
+    assert "wrote 3 centres" in capsys.readouterr().out
+    model = ClusterModel.load(out)
+    assert model.centers.shape == (3, 16) and np.isfinite(model.centers).all()
+    assert model.meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert model.meta["mode"] == "fast"
+
+
 def test_missing_preset_names_the_presets(capsys):
     assert main(["pretrain", "no_such_preset"]) == 2
     assert "maester_tiny" in capsys.readouterr().err
@@ -178,7 +204,7 @@ def test_betaseg_labels_feed_the_evaluation(tmp_path):
 
 
 def test_finetune_dispatches_on_task_and_rejects_unknown_tasks(tmp_path):
-    from micromae.cli import finetune_task
+    from micromae.config import finetune_task
 
     good, bad, plain = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
     good.write_text("task: classification\nname: x\n")

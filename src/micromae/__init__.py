@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from micromae.errors import MicromaeInputError  # noqa: E402
+from micromae.errors import MicromaeInputError
 
 __all__ = ["MicromaeInputError", "__version__"]

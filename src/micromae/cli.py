@@ -11,8 +11,7 @@ from micromae import cli_classify, cli_instances, cli_segment
 from micromae.config import FINETUNE_TASKS, finetune_task, list_presets, resolve_config
 from micromae.errors import MicromaeInputError, input_error
 
-# finetune_task, list_presets, resolve_config live in micromae.config; benchmarks still import them from here
-__all__ = ["build_parser", "main", "finetune_task", "list_presets", "resolve_config"]
+__all__ = ["build_parser", "main"]
 
 # ----------------------------------------------------------------------------------------------------------
 # verbs: each imports what it runs (torch and the rest) inside, so that `micromae --help` stays fast

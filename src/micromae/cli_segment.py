@@ -46,17 +46,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from micromae.segment.pipeline import encoder_on_device, fit_clusters, open_input_volume, volume_range
+    from micromae.segment.pipeline import run_cluster
 
-    encoder, config, sha = encoder_on_device(args.checkpoint, args.device)
-    volume = open_input_volume(args.input, args.axes, args.key)
-    mask = None if args.mask is None else open_input_volume(args.mask)
-    settings = _settings(args)
-    meta = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
-            "central_tokens": settings.central_tokens}
-    models, _ = fit_clusters(encoder, volume, [args.k], volume_range(volume, config), args.samples, args.seed,
-                             mask, settings, meta)
-    path = models[args.k].save(args.output)
+    path = run_cluster(args.checkpoint, args.input, args.output, k=args.k, settings=_settings(args),
+                       n_samples=args.samples, seed=args.seed, mask_path=args.mask, axes=args.axes, key=args.key,
+                       device=args.device)
     print(f"wrote {args.k} centres to {path}")
     return 0
 

@@ -44,8 +44,8 @@ class DamaAugment:
     ``scale``: crop side over output side (0.5 = DAMA). ``degrees``: the largest rotation; ``rotation``:
     ``"free"`` (uniform angle) or ``"right_angles"`` (-degrees, 0 or +degrees, exact for 90). ``shift``:
     largest shift as a fraction of ``size``. ``interpolation``: ``"bilinear"`` (default), ``"bicubic"`` or
-    ``"nearest"``, used by the resize and the rotation (bicubic can overshoot [0, 1] slightly). ``fill``: the value given to pixels rotated or
-    shifted in from outside (0 = DAMA).
+    ``"nearest"``, used by the resize and the rotation (bicubic can overshoot [0, 1] slightly). ``fill``: the
+    value given to pixels rotated or shifted in from outside (0 = DAMA).
     """
 
     accepts_rng = True

@@ -14,9 +14,9 @@ Both a flat folder (``root/<cell>_source.tif``) and one sub-folder per cell
 Semantic labels are built as: 0 "outside" (not in the cell mask), 1 "cytoplasm" (in the cell mask), then
 one class per organelle of ``ORGANELLES``, always at the same index whether or not the cell has that mask
 (so the same label means the same class in every cell; a missing mask is a class with no voxels, which the
-evaluation leaves out). Unannotated organelle voxels inside the cell count as cytoplasm, as in betaSeg. Where masks overlap, the later mask
-in ``PAINT_ORDER`` wins: nucleus < golgi < mitochondria < granules < centrioles < microtubules, i.e.
-small or thin structures are drawn over the larger ones that contain or border them. Organelle voxels
+evaluation leaves out). Unannotated organelle voxels inside the cell count as cytoplasm, as in betaSeg. Where
+masks overlap, the later mask in ``PAINT_ORDER`` wins: nucleus < golgi < mitochondria < granules < centrioles <
+microtubules, i.e. small or thin structures are drawn over the larger ones that contain or border them. Organelle voxels
 keep their class even outside the cell mask. A missing ``membrane_full_mask`` makes the whole volume the
 cell (with a warning). The paper's split is ``BETASEG_SPLIT``: train on high_c1–high_c3, test on high_c4.
 """

@@ -1,4 +1,5 @@
-"""MAESTER's training data: 2-D crops cut from the three orthogonal planes of 3-D volumes (docs/METHODS.md, MAESTER training data).
+"""MAESTER's training data: 2-D crops cut from the three orthogonal planes of 3-D volumes (docs/METHODS.md,
+MAESTER training data).
 
 Each sample picks a volume, a plane, a slice and a window of ``fov x fov`` pixels in that plane padded by
 ``pad`` voxels per in-plane side; a random crop of sides drawn independently in ``[min_crop_frac*fov, fov]``

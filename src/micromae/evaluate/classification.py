@@ -1,4 +1,5 @@
-"""DAMA's cell-classification protocol (paper Tables 1, 3 and Fig. 4; docs/METHODS.md, DAMA fine-tuning) for any set of encoders.
+"""DAMA's cell-classification protocol (paper Tables 1, 3 and Fig. 4; docs/METHODS.md, DAMA fine-tuning) for
+any set of encoders.
 
 1. **Repeated random splits**: ``folds`` (default 10) stratified splits of the labelled crops into a train part
    and a held-out test part (default 60/40), drawn by scikit-learn's ``StratifiedShuffleSplit`` from ``seed``;

@@ -1,4 +1,5 @@
-"""DAMA's second mask: adaptive masking (paper Algorithm 1; docs/METHODS.md, DAMA pre-training) and its random-overlap ablation.
+"""DAMA's second mask: adaptive masking (paper Algorithm 1; docs/METHODS.md, DAMA pre-training) and its
+random-overlap ablation.
 
 Conventions as in :mod:`micromae.models.masking`: masks are ``(N, L)`` with **0 = kept (visible), 1 = masked**;
 ``ids_keep`` ``(N, L_keep)`` holds visible patch indices. With ``keep = int(L * (1 - mask_ratio))`` and

@@ -137,6 +137,23 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     return out
 
 
+def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: int = 6,
+                settings: SegmentSettings | None = None, n_samples: int = 200_000, seed: int = 0,
+                mask_path: Any = None, axes: str | None = None, key: str | None = None,
+                device: str = "auto") -> Path:
+    """``micromae cluster``: fit k-means on exact pixel embeddings sampled from a volume (inside ``mask_path``
+    when given) and save the centres with their metadata; returns the path written."""
+    settings = settings or SegmentSettings()
+    encoder, config, sha = encoder_on_device(checkpoint, device)
+    volume = open_input_volume(input_path, axes, key)
+    mask = None if mask_path is None else open_input_volume(mask_path)
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
+            "central_tokens": settings.central_tokens}
+    models, _ = fit_clusters(encoder, volume, [k], volume_range(volume, config), n_samples, seed, mask, settings,
+                             meta)
+    return models[k].save(output)
+
+
 def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slices: Sequence[int] | None = None,
               settings: SegmentSettings | None = None, axes: str | None = None, key: str | None = None,
               device: str = "auto", overwrite: bool = False) -> Path:

@@ -1,8 +1,8 @@
 """Layer-wise learning-rate decay for fine-tuning a ViT encoder (BEiT / MAE / DAMA recipe).
 
-The encoder's layers are numbered as in DAMA's fine-tuning recipe: the patch embedding, position embedding and class token
-are layer 0, block ``i`` is layer ``i + 1``, and everything above the last block (the encoder's final norm and
-every parameter outside the encoder: heads, necks, detectors) is the top layer ``depth + 1``. A parameter of
+The encoder's layers are numbered as in DAMA's fine-tuning recipe: the patch embedding, position embedding and
+class token are layer 0, block ``i`` is layer ``i + 1``, and everything above the last block (the encoder's final
+norm and every parameter outside the encoder: heads, necks, detectors) is the top layer ``depth + 1``. A parameter of
 layer ``l`` trains with ``lr * layer_decay ** (depth + 1 - l)``: the head at the full rate, the patch embedding
 at ``layer_decay ** (depth + 1)`` of it.
 

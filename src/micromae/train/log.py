@@ -1,4 +1,6 @@
-"""Run logging: ``log.jsonl`` (one JSON object per logged step), tensorboard scalars, and console messages."""
+"""Run logging: ``log.jsonl`` (one JSON object per logged step) and tensorboard scalars.
+
+Console messages are :func:`micromae.runtime.say`."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-from micromae.runtime import say  # re-exported for callers inside train/
 
 
 class RunLogger:

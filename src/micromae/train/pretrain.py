@@ -29,7 +29,8 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoder:
 
 
 def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
-    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches) or data2vec."""
+    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches) or
+    data2vec."""
     dama = to_dict(cfg.dama)
     if cfg.objective == "mae":
         return MAEObjective(model)

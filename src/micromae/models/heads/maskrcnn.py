@@ -1,4 +1,5 @@
-"""Mask R-CNN on the ViT encoder (ViTDet recipe, as DAMA fine-tunes it): a simple feature pyramid plugged into torchvision.
+"""Mask R-CNN on the ViT encoder (ViTDet recipe, as DAMA fine-tunes it): a simple feature pyramid plugged into
+torchvision.
 
 The encoder's single stride-``p`` token map (``p`` = patch size, 16 for ViT-B/16) becomes a pyramid
 (:class:`SimpleFeaturePyramid`): a level of stride ``s < p`` is reached by ``log2(p / s)`` 2×2 transposed

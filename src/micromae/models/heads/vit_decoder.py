@@ -20,7 +20,6 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from micromae.errors import input_error
 from micromae.models.heads.segmenter import check_head_args, check_tokens
 from micromae.models.masking import unpatchify
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
