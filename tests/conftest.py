@@ -37,3 +37,23 @@ def cells(tmp_path_factory):
     out = tmp_path_factory.mktemp("mif") / "synth"
     write_mif_dataset(out, n_images=2, shape=(256, 256), crop_size=32)
     return out / "cells"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A folder with ``run/`` (a 2-step pre-training of a tiny MAE: 20-px FOV, 5-px tokens, 16 wide, one block;
+    ``run/checkpoints/last.pt``) and ``data/`` (a synthetic EM volume 8 x 40 x 44: ``image.tif``, ``labels.tif``,
+    ``cell_mask.tif``). Tests may write beside them, never into them."""
+    from micromae.config import PretrainConfig, apply_overrides
+    from micromae.data.synthetic_em import make_em_volume, write_em_volume
+    from micromae.train.pretrain import run_pretrain
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = apply_overrides(PretrainConfig(), [
+        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
+        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=2", "train.figure_every=0",
+        "train.device=cpu"])
+    run_pretrain(cfg, root / "run")
+    write_em_volume(root / "data", make_em_volume(shape=(8, 40, 44), seed=5))
+    return root

@@ -112,44 +112,24 @@ def test_config_keys_of_every_task(task, needle, capsys):
     assert needle in capsys.readouterr().out
 
 
-def test_embed_writes_pixel_embeddings(tmp_path, capsys):
-    from micromae.config import PretrainConfig, apply_overrides
-    from micromae.train.pretrain import run_pretrain
-
-    cfg = apply_overrides(PretrainConfig(), [
-        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
-        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
-        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=1", "train.figure_every=0",
-        "train.device=cpu"])
-    run_pretrain(cfg, tmp_path / "run")
-    image = tmp_path / "image.npy"
-    np.save(image, make_em_volume(shape=(8, 32, 36), seed=1).image[:3])
+def test_embed_writes_pixel_embeddings(tiny_run, tmp_path, capsys):
+    ckpt, image = tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif"
     out = tmp_path / "emb.npy"
-    assert main(["embed", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--input", str(image),
-                 "--axes", "ZYX", "--output", str(out), "--slices", "0,2", "--mode", "fast", "--device", "cpu"]) == 0
+    assert main(["embed", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out),
+                 "--slices", "0,2", "--mode", "fast", "--device", "cpu"]) == 0
     emb = np.load(out)
-    assert emb.shape == (16, 2, 32, 36) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert emb.shape == (16, 2, 40, 44) and emb.dtype == np.float32 and np.isfinite(emb).all()
     assert "wrote pixel embeddings" in capsys.readouterr().out
 
 
-def test_cluster_saves_centres_of_the_checkpoints_embeddings(tmp_path, capsys):
+def test_cluster_saves_centres_of_the_checkpoints_embeddings(tiny_run, tmp_path, capsys):
     import hashlib
 
-    from micromae.config import PretrainConfig, apply_overrides
     from micromae.segment.cluster import ClusterModel
-    from micromae.train.pretrain import run_pretrain
 
-    cfg = apply_overrides(PretrainConfig(), [
-        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
-        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
-        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=1", "train.figure_every=0",
-        "train.device=cpu"])
-    run_pretrain(cfg, tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    image = tmp_path / "image.npy"
-    np.save(image, make_em_volume(shape=(8, 32, 36), seed=1).image[:3])
+    ckpt, image = tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif"
     out = tmp_path / "centres.npz"
-    assert main(["cluster", "--checkpoint", str(ckpt), "--input", str(image), "--axes", "ZYX", "--output", str(out),
+    assert main(["cluster", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out),
                  "--k", "3", "--samples", "400", "--mode", "fast", "--device", "cpu"]) == 0
     assert "wrote 3 centres" in capsys.readouterr().out
     model = ClusterModel.load(out)

@@ -10,8 +10,7 @@ import torch
 import zarr
 
 from micromae.cli import main as cli_main
-from micromae.config import PretrainConfig, apply_overrides
-from micromae.data.synthetic_em import make_em_volume, write_em_volume
+from micromae.data.synthetic_em import make_em_volume
 from micromae.errors import MicromaeInputError
 from micromae.models import ViTEncoder
 from micromae.segment import volume as volume_mod
@@ -162,21 +161,6 @@ def test_errors(tmp_path, encoder, vol):
         segment_volume(encoder, vol.image, tmp_path / "x.zarr", {"other": models["labels"]}, RANGE, progress=False)
     with pytest.raises(MicromaeInputError, match="shape"):
         sample_pixel_embeddings(encoder, vol.image, 10, RANGE, mask=np.ones((2, 2, 2), bool), progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from micromae.train.pretrain import run_pretrain
-
-    root = tmp_path_factory.mktemp("seg_cli")
-    cfg = apply_overrides(PretrainConfig(), [
-        "model.img_size=20", "model.patch_size=5", "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
-        "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
-        "data.synthetic_shape=[12,40,40]", "train.batch_size=8", "train.steps=2", "train.figure_every=0",
-        "train.device=cpu"])
-    run_pretrain(cfg, root / "run")
-    write_em_volume(root / "data", make_em_volume(shape=(8, 40, 44), seed=5))
-    return root
 
 
 def test_cli_segment_then_evaluate(tiny_run, capsys):
