@@ -82,7 +82,7 @@ def check_unused_fields(cfg: ClassifyConfig) -> None:
     if unused:
         raise input_error(", ".join(unused), "their defaults (classification does not use them)",
                           ", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])!r}" for k in unused),
-                          "Remove them; stochastic depth is train.drop_path")
+                          "Remove them (for stochastic depth set train.drop_path)")
 
 
 def uses_mixup(cfg: ClassifyConfig) -> bool:
