@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from micromae.config import TrainConfig, from_dict, load_config
-from micromae.config_tasks import DetectorConfig, Inference, InstanceDataConfig, MaskRCNNConfig  # noqa: F401 (re-exported)
+from micromae.config_tasks import (DetectorConfig, Inference, InstanceDataConfig,  # noqa: F401 (re-exported)
+                                   MaskRCNNConfig)
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
 from micromae.data.run_folder import synthetic_mif_in_run
@@ -51,7 +52,8 @@ def check_maskrcnn_config(cfg: MaskRCNNConfig) -> None:
         raise input_error("tile_overlap", "a number in [0, 1)", str(cfg.tile_overlap), "e.g. tile_overlap=0.25")
     if len(cfg.data.scale_range) != 2 or cfg.num_classes < 0:
         raise input_error("data.scale_range / num_classes", "[low, high] / >= 0",
-                          f"{cfg.data.scale_range} / {cfg.num_classes}", "e.g. data.scale_range=[0.1,2.0] num_classes=0")
+                          f"{cfg.data.scale_range} / {cfg.num_classes}",
+                          "e.g. data.scale_range=[0.1,2.0] num_classes=0")
     check_normalize(cfg.data.normalize, cfg.data.percentiles)
 
 
