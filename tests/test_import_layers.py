@@ -17,7 +17,7 @@ import micromae
 # lowest first; a name stands for the module and everything below it (``micromae.cli_`` for every cli_*.py)
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("micromae", "micromae.errors"),
-    ("micromae.runtime", "micromae.config", "micromae.architectures"),
+    ("micromae.runtime", "micromae.config", "micromae.config_tasks", "micromae.architectures"),
     ("micromae.io",),
     ("micromae.figures",),
     ("micromae.data",),

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from micromae import cli_classify, cli_instances, cli_segment
-from micromae.config import FINETUNE_TASKS, finetune_task, list_presets, resolve_config
+from micromae.config import FINETUNE_TASKS, PretrainConfig, finetune_task, list_presets, resolve_config
+from micromae.config_tasks import TASK_CONFIGS as FINETUNE_CONFIGS
 from micromae.errors import MicromaeInputError, input_error
 
 __all__ = ["build_parser", "main"]
@@ -133,19 +134,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# the config class of each task, as "module:Class" (imported when asked for: `micromae --help` stays fast)
-TASK_CONFIGS = {"pretrain": "micromae.config:PretrainConfig",
-                "segmentation": "micromae.train.seg_finetune:SegFinetuneConfig",
-                "classification": "micromae.train.classify:ClassifyConfig",
-                "instances": "micromae.train.maskrcnn:MaskRCNNConfig"}
+# the config class of each task (config layer: no torch, `micromae --help` stays fast)
+TASK_CONFIGS = {"pretrain": PretrainConfig, **FINETUNE_CONFIGS}
 
 
 def task_config_class(task: str) -> type:
     """The config dataclass of ``task`` (``pretrain`` or a fine-tuning task of :data:`FINETUNE_TASKS`)."""
-    import importlib
-
-    module, name = TASK_CONFIGS[task].split(":")
-    return getattr(importlib.import_module(module), name)
+    return TASK_CONFIGS[task]
 
 
 def cmd_config_keys(args: argparse.Namespace) -> int:

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from micromae.config_tasks import ClassifyModelConfig
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
-from micromae.models.pretrained import encoder_fields, load_checkpoint, load_encoder
+from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_checkpoint, load_encoder
 from micromae.runtime import eval_mode
 
 __all__ = ["extract_features", "linear_probe", "knn_predict", "knn_probe", "probe_encoders", "run_probe"]
@@ -159,12 +160,11 @@ def probe_encoders(checkpoints: Mapping[str, str], branch: int = 1, size: int | 
                    seed: int = 0) -> dict[str, ViTEncoder]:
     """``{name: frozen encoder}`` for ``{name: checkpoint | .safetensors | "random"}``. A random encoder
     (seeded) takes the shape of the first real one, else the ``classify_tiny`` shape with ``in_chans``."""
-    from micromae.train.classify import EncoderConfig
-
     encoders = {n: load_encoder(p, branch=branch, img_size=size, pos_embed="interpolate")[0]
                 for n, p in checkpoints.items() if p != "random"}
     first = next(iter(encoders.values()), None)
-    fields = encoder_fields(first) if first is not None else {**vars(EncoderConfig()), "in_chans": in_chans}
+    tiny = ClassifyModelConfig(in_chans=in_chans)
+    fields = encoder_fields(first) if first is not None else {k: getattr(tiny, k) for k in ENCODER_FIELDS}
     for name, path in checkpoints.items():
         if path == "random":
             torch.manual_seed(seed)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from micromae.config import Amp, Normalize, TrainConfig, from_dict, load_config, to_dict
+from micromae.config import ModelConfig, TrainConfig, from_dict, load_config, to_dict
+from micromae.config_tasks import ClassifyConfig, ClassifyDataConfig, ClassifyModelConfig, ClassifyTrainConfig
 from micromae.data.channel_norm import check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
@@ -44,102 +46,16 @@ from micromae.train.run import RunContext, RunPlan, run_training
 
 
 @dataclass
-class EncoderConfig:
-    """The encoder's shape for ``init: random`` (a checkpoint brings its own; ``img_size`` is then the
-    pre-training side and ``data.size`` the fine-tuning one)."""
-
-    img_size: int = 32
-    patch_size: int = 4
-    in_chans: int = 7
-    embed_dim: int = 64
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 2.0
-    qkv_bias: bool = True
-    pos_embed_weight: float = 1.0
-
-
-@dataclass
-class ClassifyDataConfig:
-    """The crops: ``root/<class>/*.tif``. ``size``: side the crops are resized to and the model runs at
-    (None: the encoder's ``img_size``). ``axes``: file dimension order (CYX, YXC; None: from metadata).
-    ``channels``: names or indices to keep (None: all). ``classes``: class folders in label order (None:
-    sorted sub-folders). ``normalize``: ``dtype`` (divide by the type's maximum, DAMA), ``percentile`` (per
-    crop file and channel, ``percentiles`` to [0, 1], clipped; this stretches a marker-negative crop's
-    background and hurt on synthetic crops), ``minmax``, or ``channel_stats`` (one range per channel for the
-    folder); the fine-tuned checkpoint carries it, and evaluation reads crops the same way."""
-
-    root: str | None = None
-    axes: str | None = None
-    size: int | None = None
-    channels: list[str | int] | None = None
-    classes: list[str] | None = None
-    train_files: list[str] = field(default_factory=list)
-    test_files: list[str] = field(default_factory=list)
-    augment: bool = True  # random 90° rotations and flips
-    normalize: Normalize = "dtype"
-    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
-
-
-@dataclass
-class ClassifyTrainConfig:
-    """Optimisation (paper recipe in ``classify_brain.yaml``). ``lr``: null = ``blr`` × batch / 256."""
-
-    epochs: float | None = 150.0  # null: use ``steps`` and ``warmup_steps``
-    warmup_epochs: float = 5.0
-    steps: int = 1000
-    warmup_steps: int = 0
-    batch_size: int = 64  # per process
-    accum_steps: int = 1
-    blr: float = 5e-4
-    lr: float | None = None
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    drop_path: float = 0.1
-    mixup: float = 0.8  # Beta(α, α) of mixup; 0 disables
-    cutmix: float = 1.0  # Beta(α, α) of cutmix; 0 disables
-    mixup_prob: float = 1.0  # chance a batch is mixed at all
-    mixup_switch_prob: float = 0.5  # chance cutmix is used instead of mixup when both are on
-    smoothing: float = 0.1
-    grad_clip: float = 0.0
-    amp: Amp = "auto"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-
-
-@dataclass
-class ClassifyConfig:
-    """One classification fine-tuning run."""
-
-    name: str = "classify"
-    task: str = "classification"
-    init: str = "random"  # random | a checkpoint (.pt) | an exported encoder (.safetensors)
-    init_branch: int = 1  # DAMA branch of a DAMA checkpoint
-    num_classes: int | None = None  # null: the number of class folders
-    model: EncoderConfig = field(default_factory=EncoderConfig)
-    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
-
-
-@dataclass
 class ClassifyResult(TrainResult):
     test: dict | None = None  # accuracy_report of data.test_files, when given
     model: ViTClassifier | None = None
 
 
 def check_classify_config(cfg: ClassifyConfig) -> None:
-    """Raise MicromaeInputError for values the dataclass types cannot rule out."""
+    """Raise MicromaeInputError for values the dataclass types cannot rule out (the coercer checks the
+    choices: ``task``, ``init_branch``, ``train.amp``, ``train.schedule``, ``data.normalize``)."""
     t = cfg.train
-    if cfg.task != "classification" or cfg.init_branch not in (1, 2):
-        raise input_error("task / init_branch", "classification / 1 or 2", f"{cfg.task!r} / {cfg.init_branch}",
-                          "Set task: classification and init_branch: 1 (DAMA branch 1) or 2")
-    if t.amp not in ("auto", "bf16", "off"):
-        raise input_error("train.amp", "auto, bf16 or off", repr(t.amp), "Set train.amp=auto")
+    check_unused_fields(cfg)
     check_normalize(cfg.data.normalize, cfg.data.percentiles)
     for name, value, low, high in (("mixup", t.mixup, 0, 100), ("cutmix", t.cutmix, 0, 100),
                                    ("mixup_prob", t.mixup_prob, 0, 1), ("mixup_switch_prob", t.mixup_switch_prob, 0, 1),
@@ -152,6 +68,21 @@ def check_classify_config(cfg: ClassifyConfig) -> None:
     if uses_mixup(cfg) and t.batch_size % 2:
         raise input_error("train.batch_size", "an even number (timm's Mixup pairs each crop with another)",
                           str(t.batch_size), f"Set train.batch_size={t.batch_size + 1} or train.mixup=0 cutmix=0")
+
+
+def check_unused_fields(cfg: ClassifyConfig) -> None:
+    """Refuse a non-default value in a ``ModelConfig`` / ``TrainConfig`` field classification does not use:
+    the decoder and masking fields, ``model.drop_path_rate`` (``train.drop_path`` is the classifier's),
+    ``train.no_decay_bias_norm`` (layer-decay groups always exclude them) and ``train.figure_every``."""
+    model_default, train_default = ClassifyModelConfig(), ClassifyTrainConfig()
+    unused = [f"model.{k}" for k in (f.name for f in dataclasses.fields(ModelConfig))
+              if k not in ENCODER_FIELDS and getattr(cfg.model, k) != getattr(model_default, k)]
+    unused += [f"train.{k}" for k in ("no_decay_bias_norm", "figure_every")
+               if getattr(cfg.train, k) != getattr(train_default, k)]
+    if unused:
+        raise input_error(", ".join(unused), "their defaults (classification does not use them)",
+                          ", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])!r}" for k in unused),
+                          "Remove them (for stochastic depth set train.drop_path)")
 
 
 def uses_mixup(cfg: ClassifyConfig) -> bool:
@@ -200,7 +131,7 @@ def engine_config(cfg: ClassifyConfig, n_train: int, world_size: int = 1) -> Tra
         steps, warmup = max(1, math.ceil(t.epochs * per_epoch)), round(t.warmup_epochs * per_epoch)
     lr = t.lr if t.lr is not None else t.blr * batch / 256
     return TrainConfig(steps=steps, batch_size=t.batch_size, lr=lr, weight_decay=t.weight_decay, betas=list(t.betas),
-                       no_decay_bias_norm=True, schedule="cosine", warmup_steps=min(warmup, steps),
+                       no_decay_bias_norm=True, schedule=t.schedule, warmup_steps=min(warmup, steps),
                        min_lr=min(t.min_lr, lr), grad_clip=t.grad_clip, accum_steps=t.accum_steps, amp=t.amp,
                        device=t.device, seed=t.seed, log_every=t.log_every, ckpt_every=t.ckpt_every,
                        figure_every=0, keep_checkpoints=t.keep_checkpoints)
@@ -341,6 +272,6 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     if cfg.num_classes is None:
         raise input_error(f"checkpoint '{path}'", "a classification fine-tuning checkpoint", "no num_classes",
                           "Pass RUN_DIR/checkpoints/last.pt of micromae finetune classify_*")
-    model = ViTClassifier(ViTEncoder(**to_dict(cfg.model)), cfg.num_classes)
+    model = ViTClassifier(ViTEncoder.from_config(cfg.model), cfg.num_classes)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg

@@ -14,14 +14,16 @@ engine's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from micromae.config import ModelConfig, Normalize, TrainConfig, from_dict, load_config
+from micromae.config import TrainConfig, from_dict, load_config
+from micromae.config_tasks import (DetectorConfig, Inference, InstanceDataConfig,  # noqa: F401 (re-exported)
+                                   MaskRCNNConfig)
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
 from micromae.data.run_folder import synthetic_mif_in_run
@@ -37,93 +39,21 @@ from micromae.train.layer_decay import build_layer_decay_optimizer
 from micromae.train.run import RunContext, RunPlan, run_training
 
 SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-INFERENCE = ("whole", "tiles")
-
-
-@dataclass
-class InstanceDataConfig:
-    """Training data. ``source``: ``coco`` (``annotations`` JSON, images under ``image_root``, default the
-    JSON's folder) or ``synthetic_mif`` (``n_images`` synthetic multiplex images of ``synthetic_shape``,
-    written once into ``RUN_DIR/synthetic_mif``). ``crop_size``: training crops; ``scale_range``: LSJ
-    (``[1.0, 1.0]``: none); ``flip``: random flips. ``normalize`` (``dtype``, ``percentile``, ``minmax``) and
-    ``percentiles``: how each whole image is scaled to [0, 1] before cropping
-    (:func:`~micromae.data.multichannel.normalize_channels`); ``micromae evaluate instances`` reads the
-    checkpoint's choice."""
-
-    source: str = "coco"
-    annotations: str | None = None
-    image_root: str | None = None
-    axes: str | None = None
-    crop_size: int = 128
-    scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    flip: bool = True
-    normalize: Normalize = "dtype"
-    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.8])
-    num_workers: int = 0
-    n_images: int = 8
-    synthetic_shape: list[int] = field(default_factory=lambda: [256, 256])
-    synthetic_seed: int = 0
-
-
-@dataclass
-class DetectorConfig:
-    """Pyramid and heads (:func:`build_maskrcnn`). Empty ``anchor_sizes``: 4 × stride; empty
-    ``image_mean``/``image_std``: 0 / 1 per channel (inputs as pre-trained, in [0, 1])."""
-
-    strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
-    out_channels: int = 256
-    anchor_sizes: list[int] = field(default_factory=list)
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    image_mean: list[float] = field(default_factory=list)
-    image_std: list[float] = field(default_factory=list)
-    representation_size: int = 1024
-    mask_head_channels: int = 256
-    detections_per_img: int = 100
-    score_thresh: float = 0.05
-    rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 512
-
-
-@dataclass
-class MaskRCNNConfig:
-    """One Mask R-CNN fine-tuning run. ``num_classes`` 0: the data's category count; ``category_ids`` (filled
-    from the data) maps label ``k`` to COCO category ``category_ids[k - 1]``. ``init``: ``random`` or a path;
-    ``inference``: how ``micromae evaluate instances`` predicts whole images (``whole``: one pass with the
-    pos-embed of the image's grid; ``tiles``: crop-size tiles, stitched)."""
-
-    name: str = "maskrcnn"
-    task: str = "instances"
-    num_classes: int = 0
-    category_ids: list[int] = field(default_factory=list)
-    init: str = "random"
-    init_branch: int = 1
-    layer_decay: float = 0.7
-    inference: str = "tiles"
-    tile_overlap: float = 0.25
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(pos_embed_weight=1.0, drop_path_rate=0.1))
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    data: InstanceDataConfig = field(default_factory=InstanceDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        batch_size=16, lr=1e-4, weight_decay=0.1, no_decay_bias_norm=True, schedule="cosine"))
+INFERENCE = typing.get_args(Inference)
 
 
 def check_maskrcnn_config(cfg: MaskRCNNConfig) -> None:
-    """Raise MicromaeInputError for values the dataclass types cannot rule out."""
-    if cfg.task != "instances":
-        raise input_error("task", "instances", repr(cfg.task), "Use a maskrcnn_*.yaml preset")
-    if cfg.data.source not in ("coco", "synthetic_mif"):
-        raise input_error("data.source", "coco or synthetic_mif", repr(cfg.data.source),
-                          "Set data.source=coco data.annotations=/path/annotations.json")
+    """Raise MicromaeInputError for values the dataclass types cannot rule out (the coercer checks the
+    choices: ``task``, ``data.source``, ``inference``, ``init_branch``, ``data.normalize``)."""
     if cfg.data.source == "coco" and not cfg.data.annotations:
         raise input_error("data.annotations", "a COCO JSON file", "nothing",
                           "Set data.annotations=/path/to/annotations.json")
-    if cfg.inference not in INFERENCE or not 0.0 <= cfg.tile_overlap < 1.0:
-        raise input_error("inference / tile_overlap", f"one of {INFERENCE} / a number in [0, 1)",
-                          f"{cfg.inference!r} / {cfg.tile_overlap}", "Use inference=whole or tiles")
-    if len(cfg.data.scale_range) != 2 or cfg.init_branch not in (1, 2) or cfg.num_classes < 0:
-        raise input_error("data.scale_range / init_branch / num_classes", "[low, high] / 1 or 2 / >= 0",
-                          f"{cfg.data.scale_range} / {cfg.init_branch} / {cfg.num_classes}",
-                          "e.g. data.scale_range=[0.1,2.0] init_branch=1 num_classes=0")
+    if not 0.0 <= cfg.tile_overlap < 1.0:
+        raise input_error("tile_overlap", "a number in [0, 1)", str(cfg.tile_overlap), "e.g. tile_overlap=0.25")
+    if len(cfg.data.scale_range) != 2 or cfg.num_classes < 0:
+        raise input_error("data.scale_range / num_classes", "[low, high] / >= 0",
+                          f"{cfg.data.scale_range} / {cfg.num_classes}",
+                          "e.g. data.scale_range=[0.1,2.0] num_classes=0")
     check_normalize(cfg.data.normalize, cfg.data.percentiles)
 
 

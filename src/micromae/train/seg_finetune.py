@@ -16,7 +16,6 @@ weight (0.08), whereas the baselines use weight 1.0 (Tables S3/S4). It is recomp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from micromae.config import DataConfig, ModelConfig, TrainConfig, from_dict, load_config
-from micromae.data.partial_labels import PARTIAL_MODES, load_labelled_volumes
+from micromae.config import from_dict, load_config
+from micromae.config_tasks import LabelConfig, SegFinetuneConfig  # noqa: F401 (re-exported)
+from micromae.data.partial_labels import load_labelled_volumes
 from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.errors import input_error
 from micromae.models import ViTEncoder
-from micromae.models.heads import HEADS, SupervisedSegmenter, build_head
+from micromae.models.heads import SupervisedSegmenter, build_head
 from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_encoder
 from micromae.runtime import eval_mode, unwrap
 from micromae.train.checkpoint import load_checkpoint
@@ -38,60 +38,17 @@ from micromae.train.engine import Objective, TrainResult
 from micromae.train.run import RunContext, RunPlan, run_training
 
 
-
-@dataclass
-class LabelConfig:
-    """Where the labels come from (``data.source`` picks them) and which of them the loss sees.
-
-    ``synthetic``: the generator's labels; ``betaseg``: the loader's; ``files``: ``paths``, one integer
-    label volume per ``data.paths`` entry (``axes``/``key`` as for images). ``partial``: ``none`` keeps every
-    label; ``slices`` keeps a random ``fraction`` of the slices normal to ``slice_axis``; ``blocks`` a random
-    ``fraction`` of cubes of side ``block_size``; the rest become ``ignore_index``. ``ignore_outside_cell``
-    ignores pixels outside the cell mask (synthetic / betaSeg).
-    """
-
-    paths: list[str] = field(default_factory=list)
-    axes: str | None = None
-    key: str | None = None
-    partial: str = "none"
-    fraction: float = 1.0
-    slice_axis: str = "Z"
-    block_size: int = 32
-    seed: int = 0
-    ignore_outside_cell: bool = False
-
-
-@dataclass
-class SegFinetuneConfig:
-    """One supervised run. ``model``: the encoder fields, and ``decoder_*`` for the head (the MAE-only fields
-    ``mask_ratio`` and ``norm_pix_loss`` are unused). ``init``: ``random`` or a MAESTER checkpoint path."""
-
-    name: str = "segmenter"
-    task: str = "segmentation"  # what `micromae finetune` dispatches on (classification / instances elsewhere)
-    head: str = "segmenter"  # segmenter | vit_decoder
-    num_classes: int = 6
-    ignore_index: int = 255
-    init: str = "random"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(pos_embed_weight=1.0))
-    data: DataConfig = field(default_factory=DataConfig)
-    labels: LabelConfig = field(default_factory=LabelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
-
-
 def check_seg_config(cfg: SegFinetuneConfig) -> None:
-    """Raise MicromaeInputError for values the dataclass types cannot rule out."""
-    if cfg.head not in HEADS:
-        raise input_error("head", "one of " + ", ".join(HEADS), repr(cfg.head), "Set head=segmenter or vit_decoder")
+    """Raise MicromaeInputError for values the dataclass types cannot rule out (the coercer checks the
+    choices: ``head``, ``labels.partial``, ``labels.slice_axis``)."""
     if not 1 <= cfg.num_classes <= 256 or not 0 <= cfg.ignore_index or cfg.ignore_index < cfg.num_classes:
         raise input_error("num_classes / ignore_index", "1 <= num_classes <= 256 and ignore_index >= num_classes",
                           f"{cfg.num_classes} / {cfg.ignore_index}", "Use e.g. num_classes=6, ignore_index=255")
     lab = cfg.labels
-    if lab.partial not in PARTIAL_MODES or not 0.0 < lab.fraction <= 1.0:
-        raise input_error("labels.partial / labels.fraction", f"one of {PARTIAL_MODES} / a number in (0, 1]",
-                          f"{lab.partial!r} / {lab.fraction}", "e.g. labels.partial=slices labels.fraction=0.25")
-    if lab.slice_axis not in ("Z", "Y", "X") or lab.block_size < 1:
-        raise input_error("labels.slice_axis / labels.block_size", "Z, Y or X / a positive int",
-                          f"{lab.slice_axis!r} / {lab.block_size}", "Fix the labels section")
+    if not 0.0 < lab.fraction <= 1.0:
+        raise input_error("labels.fraction", "a number in (0, 1]", str(lab.fraction), "e.g. labels.fraction=0.25")
+    if lab.block_size < 1:
+        raise input_error("labels.block_size", "a positive int", str(lab.block_size), "Fix the labels section")
     if cfg.model.in_chans != 1:
         raise input_error("model.in_chans", "1 (single-channel volumes)", str(cfg.model.in_chans),
                           "Set model.in_chans=1")
