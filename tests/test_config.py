@@ -69,9 +69,10 @@ def test_paper_preset_has_the_papers_numbers():
 
 def test_every_preset_loads():
     from micromae.config import finetune_task
-    from micromae.train.classify import ClassifyConfig, load_classify_config
-    from micromae.train.maskrcnn import MaskRCNNConfig, load_maskrcnn_config
-    from micromae.train.seg_finetune import SegFinetuneConfig, load_seg_finetune_config
+    from micromae.config_tasks import ClassifyConfig, MaskRCNNConfig, SegFinetuneConfig
+    from micromae.train.classify import load_classify_config
+    from micromae.train.maskrcnn import load_maskrcnn_config
+    from micromae.train.seg_finetune import load_seg_finetune_config
 
     presets = list_presets()
     assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg", "dama_brain", "dama_tiny",

@@ -19,7 +19,8 @@ from micromae.errors import MicromaeInputError
 from micromae.models import ViTEncoder
 from micromae.models.heads.maskrcnn import SimpleFeaturePyramid, ViTDetBackbone, build_maskrcnn
 from micromae.train.checkpoint import load_checkpoint, save_checkpoint
-from micromae.train.maskrcnn import (MaskRCNNConfig, init_encoder, load_maskrcnn_config, load_maskrcnn_model,
+from micromae.config_tasks import MaskRCNNConfig
+from micromae.train.maskrcnn import (init_encoder, load_maskrcnn_config, load_maskrcnn_model,
                                      run_maskrcnn_finetune)
 
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}

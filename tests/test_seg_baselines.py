@@ -15,12 +15,11 @@ from micromae.data.synthetic_em import make_em_volume
 from micromae.errors import MicromaeInputError
 from micromae.models import MaskedAutoencoder, get_2d_sincos_pos_embed, vit_tiny_test
 from micromae.models.heads import SegmenterHead, SupervisedSegmenter, ViTDecoderHead, build_head
+from micromae.config_tasks import LabelConfig, SegFinetuneConfig
 from micromae.data.partial_labels import make_partial_labels
 from micromae.segment.sliding_window import pixel_accuracy, predict_logits_slice, predict_volume, window_weight
 from micromae.train.checkpoint import load_checkpoint, save_checkpoint
 from micromae.train.seg_finetune import (
-    LabelConfig,
-    SegFinetuneConfig,
     SegmentationObjective,
     load_encoder_weights,
     load_seg_finetune_config,

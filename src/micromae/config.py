@@ -305,7 +305,8 @@ def load_config(path: str | Path, cls: type = PretrainConfig, overrides: list[st
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise input_error(f"config file '{path}'", "valid YAML", f"a parse error: {exc}", "Fix the YAML syntax") from exc
+        raise input_error(f"config file '{path}'", "valid YAML", f"a parse error: {exc}",
+                          "Fix the YAML syntax") from exc
     if data is not None and not isinstance(data, dict):
         raise input_error(f"config file '{path}'", "a mapping of sections", type(data).__name__,
                           "Write the file as `section: {key: value}`")

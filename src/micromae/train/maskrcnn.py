@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from micromae.config import TrainConfig, from_dict, load_config
-from micromae.config_tasks import (DetectorConfig, Inference, InstanceDataConfig,  # noqa: F401 (re-exported)
-                                   MaskRCNNConfig)
+from micromae.config_tasks import Inference, MaskRCNNConfig
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
 from micromae.data.run_folder import synthetic_mif_in_run

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from micromae.config import from_dict, load_config
-from micromae.config_tasks import LabelConfig, SegFinetuneConfig  # noqa: F401 (re-exported)
+from micromae.config_tasks import SegFinetuneConfig
 from micromae.data.partial_labels import load_labelled_volumes
 from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.errors import input_error
