@@ -30,11 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from micromae.config_tasks import ClassifyModelConfig
+from micromae.data.channel_norm import DEFAULT_PERCENTILES, check_normalize
 from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
 from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_checkpoint, load_encoder
-from micromae.runtime import eval_mode
+from micromae.evaluate.report import markdown_table
+from micromae.runtime import eval_mode, resolve_device
+from micromae.train.classify_data import load_labelled_crops
 
 __all__ = ["extract_features", "linear_probe", "knn_predict", "knn_probe", "probe_encoders", "run_probe"]
 
@@ -175,8 +178,6 @@ def probe_encoders(checkpoints: Mapping[str, str], branch: int = 1, size: int | 
 def checkpoint_normalize(path: str | Path) -> tuple[str, tuple[float, ...]]:
     """``(data.normalize, data.percentiles)`` a checkpoint's run read its images with; ``("dtype", ...)`` for
     files that do not record it (runs from before the option, exported encoders without a config)."""
-    from micromae.data.channel_norm import DEFAULT_PERCENTILES
-
     path = Path(path)
     if path.suffix == ".safetensors":
         meta = path.with_suffix(".json")
@@ -191,8 +192,6 @@ def _input_settings(checkpoints: Mapping[str, str], normalize: str | None,
                     percentiles: Sequence[float] | None) -> dict[str, tuple[str, tuple[float, ...]]]:
     """``{name: (normalize, percentiles)}``: the arguments, else each checkpoint's own (a random encoder
     takes the first checkpoint's, so it sees the same inputs)."""
-    from micromae.data.channel_norm import DEFAULT_PERCENTILES, check_normalize
-
     if normalize is not None:
         pct = check_normalize(normalize, percentiles or DEFAULT_PERCENTILES)
         return {n: (normalize, pct) for n in checkpoints}
@@ -218,9 +217,8 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
     ``probe.json`` and ``probe.md`` to ``out`` when given. Returns ``{"rows": [...], "settings": {...}}``,
     one row per encoder with the mean, std and per-fold accuracies of both probes.
     """
+    # local: evaluate.classification imports this module at its top (a cycle otherwise)
     from micromae.evaluate.classification import stratified_splits
-    from micromae.evaluate.report import markdown_table
-    from micromae.runtime import resolve_device
 
     if not isinstance(checkpoints, Mapping):
         checkpoints = {("random init" if p == "random" else Path(p).stem): str(p) for p in checkpoints}
@@ -278,8 +276,6 @@ class ProbeData:
         self.cache: dict[int, Any] = {}
 
     def at(self, size: int, normalize: str = "dtype", percentiles: Sequence[float] = (0.5, 99.8)):
-        from micromae.train.classify_data import load_labelled_crops
-
         key = (size, normalize, tuple(percentiles))
         if key not in self.cache:
             self.cache[key] = load_labelled_crops(self.root, size, self.axes, self.channels, normalize=normalize,

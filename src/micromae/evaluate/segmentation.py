@@ -21,6 +21,7 @@ from micromae.evaluate.report import write_segmentation_report
 from micromae.evaluate.seg_figures import plot_confusion, plot_k_sweep, plot_overlays, plot_umap
 from micromae.io import open_volume
 from micromae.runtime import say
+from micromae.segment.cluster import ClusterModel
 
 
 def open_prediction(path: str | Path) -> tuple[dict[int | str, Any], zarr.Group | None]:
@@ -131,8 +132,6 @@ def _figures(result, main, ref, msk, image, group, names, rows, out_dir, umap_po
 
 
 def _main_centres(group: zarr.Group, k: int) -> np.ndarray | None:
-    from micromae.segment.cluster import ClusterModel
-
     store = Path(str(group.store_path.store.root)) if hasattr(group, "store_path") else None
     if store is None:
         return None

@@ -171,7 +171,7 @@ class Volume:
         """Pickle file-backed volumes as (path, key, axes) and reopen them (e.g. in DataLoader workers)."""
         if self.path is None:
             return (Volume, (self._source, self.file_axes))
-        from micromae.io.readers import reopen_volume
+        from micromae.io.readers import reopen_volume  # local: readers imports Volume from here (a cycle)
 
         return (reopen_volume, (str(self.path), self.key, self.file_axes))
 

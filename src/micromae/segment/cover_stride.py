@@ -331,7 +331,7 @@ def embed_pixels_region(encoder: nn.Module, source: Any, y0: int, x0: int, heigh
             out = torch.empty(n_slices, geom.embed_dim, height, width, dtype=out_dtype, device=out_dev)
             encode_lattice(encoder, padded, geom, plans, out, batch_size, amp, progress)
         else:
-            from micromae.segment.fast_modes import embed_tokens_fast, upsample_tokens
+            from micromae.segment.fast_modes import embed_tokens_fast, upsample_tokens  # local: it imports us
             tokens = embed_tokens_fast(encoder, padded, geom, plans, out_dtype, out_dev, batch_size, amp, progress)
             out = upsample_tokens(tokens, geom, height, width)
     return out if len(shape) == 4 else out[0]

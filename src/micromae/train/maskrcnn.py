@@ -183,7 +183,7 @@ class InstanceObjective(Objective):
         """First channel of up to 4 crops with the true boxes (green) and detections scoring > 0.5 (red)."""
         from matplotlib.patches import Rectangle
 
-        from micromae.figures import plt, save_figure
+        from micromae.figures import plt, save_figure  # local: this method shares the helper's name
 
         model = unwrap(self.model)
         images, targets = batch[0][:4], batch[1][:4]

@@ -157,7 +157,7 @@ class SegmentationObjective(Objective):
 
     @torch.no_grad()
     def save_figure(self, batch: Any, path: Path) -> None:
-        from micromae.figures import plt, save_figure
+        from micromae.figures import plt, save_figure  # local: this method shares the helper's name
 
         model = unwrap(self.model)
         imgs, labels = batch[0][:4].float(), batch[1][:4]
