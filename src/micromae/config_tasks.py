@@ -19,7 +19,7 @@ from typing import Literal
 from micromae.config import Amp, DataConfig, ModelConfig, Normalize, TrainConfig
 
 Head = Literal["segmenter", "vit_decoder"]  # micromae.models.heads.HEADS
-Partial = Literal["none", "slices", "blocks"]  # micromae.data.partial_labels.PARTIAL_MODES
+Partial = Literal["none", "slices", "blocks"]
 Axis = Literal["Z", "Y", "X"]
 Inference = Literal["whole", "tiles"]
 Branch = Literal[1, 2]  # DAMA's two branches

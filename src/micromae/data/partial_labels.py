@@ -19,7 +19,6 @@ from micromae.data.volumes import as_zyx, read_source
 from micromae.errors import input_error
 from micromae.io import open_volume
 
-PARTIAL_MODES = ("none", "slices", "blocks")
 LABELLED_SOURCES = ("synthetic", "betaseg", "files")
 
 

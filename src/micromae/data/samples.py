@@ -21,7 +21,6 @@ The digest is the authority: a file whose SHA-256 matches is accepted even if th
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 import tifffile
 
 from micromae.errors import input_error
+from micromae.io import file_sha256
 
 __all__ = ["SAMPLES", "Sample", "SampleInfo", "load_sample", "sample_status"]
 
@@ -155,14 +155,6 @@ def _installed_version(info: SampleInfo) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sample_status() -> dict[str, str]:
     """{sample name: "installed" | "missing package P (...)" | "missing file F" | "version mismatch ..."}.
 
@@ -194,7 +186,7 @@ def _resolve(name: str, info: SampleInfo, verify: bool) -> dict[str, Path]:
             raise input_error(f"sample '{name}'", f"file {info.files[role]} in {folder}", "no such file",
                               f"Reinstall with `{info.install_command} --force-reinstall`")
         if verify:
-            found, pinned = _sha256(path), info.sha256[info.files[role]]
+            found, pinned = file_sha256(path), info.sha256[info.files[role]]
             if found != pinned:
                 raise input_error(f"sample file '{path}'", f"SHA-256 {pinned[:16]}... (the pinned "
                                   f"{info.package}{' ' + info.version if info.version else ''})",

@@ -7,7 +7,7 @@ atomic (temporary sibling + rename) and refuse to overwrite unless asked.
 from __future__ import annotations
 
 from micromae.io.axes import CANONICAL_AXES, canonical_axes, parse_axes, to_canonical
-from micromae.io.readers import SUPPORTED, detect_format, open_volume, split_key
+from micromae.io.readers import SUPPORTED, detect_format, file_sha256, open_volume, split_key
 from micromae.io.validate import check_crop_fits, check_shape_and_dtype, check_values, require_axes
 from micromae.io.volume import Volume
 from micromae.io.writers import (
@@ -32,6 +32,7 @@ __all__ = [
     "check_shape_and_dtype",
     "check_values",
     "detect_format",
+    "file_sha256",
     "open_volume",
     "parse_axes",
     "require_axes",

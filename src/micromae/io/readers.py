@@ -6,6 +6,7 @@ through tifffile's Zarr store; Zarr and HDF5 read only the chunks a region touch
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -40,6 +41,15 @@ def _corrupt(path: Path, kind: str, error: BaseException) -> Exception:
     return input_error(f"file '{path}'", f"a readable {kind} file",
                        f"an error while opening it ({type(error).__name__}: {error})",
                        "The file looks corrupt or truncated (an interrupted copy or export?); copy or write it again")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in chunks (ties outputs to the checkpoint they came from; pins sample files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_key(path: str | os.PathLike, key: str | None) -> tuple[Path, str | None]:

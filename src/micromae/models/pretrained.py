@@ -23,7 +23,6 @@ with the stored table:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,13 @@ import torch
 from safetensors.torch import load_file
 
 from micromae.errors import input_error
+from micromae.io import file_sha256
 from micromae.models.dama import encoder_state_dict
 from micromae.models.pos_embed import interpolate_pos_embed
 from micromae.models.vit import ENCODER_FIELDS, ViTEncoder
 
-__all__ = ["ENCODER_FIELDS", "POS_EMBED_POLICIES", "EncoderMeta", "encoder_fields", "file_sha256",
-           "load_checkpoint", "load_encoder", "read_encoder_weights"]
+__all__ = ["ENCODER_FIELDS", "POS_EMBED_POLICIES", "EncoderMeta", "encoder_fields", "load_checkpoint",
+           "load_encoder", "read_encoder_weights"]
 
 POS_EMBED_POLICIES = ("keep", "interpolate", "recompute")
 
@@ -61,15 +61,6 @@ class EncoderMeta:
     normalize: str | None = None
     percentiles: tuple[float, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file (used to tie outputs such as cluster centres to the checkpoint they came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

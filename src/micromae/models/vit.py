@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed, to_2tuple
 from timm.models.vision_transformer import Block
 
-from micromae.architectures import MAESTER, TINY_TEST_ENCODER
+from micromae.architectures import ENCODER_FIELDS, MAESTER, TINY_TEST_ENCODER
 from micromae.errors import input_error
 from micromae.models.masking import gather_tokens
 from micromae.models.pos_embed import get_2d_sincos_pos_embed
@@ -32,9 +32,6 @@ from micromae.models.registry import register_model
 
 __all__ = ["ENCODER_FIELDS", "ViTEncoder", "vit_maester", "vit_tiny_test", "init_mae_weights", "check_positive"]
 
-# the constructor arguments that fix an encoder's shape and function (drop_path_rate is a training setting)
-ENCODER_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-                  "pos_embed_weight")
 
 
 def check_positive(name: str, value: int) -> None:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import micromae
-from micromae.io import atomic_path
-from micromae.models.pretrained import file_sha256, load_checkpoint
+from micromae.io import atomic_path, file_sha256
+from micromae.models.pretrained import load_checkpoint
 
 __all__ = ["LAST", "file_sha256", "find_resume_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]  # load_checkpoint / file_sha256: read at the models layer, re-exported for resume
+           "set_rng_state"]  # load_checkpoint (models layer) and file_sha256 (io), re-exported for resume
 
 LAST = "last.pt"
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")

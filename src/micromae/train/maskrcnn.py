@@ -14,7 +14,6 @@ engine's.
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from micromae.config import TrainConfig, from_dict, load_config
-from micromae.config_tasks import Inference, MaskRCNNConfig
+from micromae.config_tasks import MaskRCNNConfig
 from micromae.data.coco import CocoInstanceDataset, instance_batches
 from micromae.data.channel_norm import check_normalize
 from micromae.data.run_folder import synthetic_mif_in_run
@@ -38,7 +37,6 @@ from micromae.train.layer_decay import build_layer_decay_optimizer
 from micromae.train.run import RunContext, RunPlan, run_training
 
 SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-INFERENCE = typing.get_args(Inference)
 
 
 def check_maskrcnn_config(cfg: MaskRCNNConfig) -> None:
