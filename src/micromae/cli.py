@@ -134,6 +134,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_pretraining(args: argparse.Namespace) -> int:
+    from micromae.evaluate.pretraining import PretrainingEval, run_evaluate_pretraining
+
+    settings = PretrainingEval(ks=tuple(args.k), n_random=args.random_encoders, planes=args.planes,
+                               n_probe=args.probe_pixels, n_fit=args.fit_pixels, ignore=args.ignore,
+                               central_tokens=args.central_tokens, handmade=not args.no_handmade,
+                               class_names=args.class_names.split(",") if args.class_names else None)
+    run_evaluate_pretraining(args.checkpoint, args.image, args.reference, args.out, settings, mask=args.mask,
+                             axes=args.axes, normalize=args.normalize, device=args.device)
+    return 0
+
+
 # the config class of each task (config layer: no torch, `micromae --help` stays fast)
 TASK_CONFIGS = {"pretrain": PretrainConfig, **FINETUNE_CONFIGS}
 
@@ -261,6 +273,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-figures", action="store_true", help="numbers only")
     q.add_argument("--out", required=True, help="report folder")
     q.set_defaults(func=cmd_evaluate)
+
+    q = ev.add_parser("pretraining", help="what pre-training bought: a checkpoint against random-init encoders",
+                      description="Score a checkpoint's exact pixel embeddings (k-means Dice for each --k, and a "
+                                  "linear pixel probe scored on held-out planes) against random-init encoders of "
+                                  "the same shape through the same pipeline, and against hand-made multiscale "
+                                  "features; write pretraining.md, pretraining.json and pretraining.png to --out.")
+    q.add_argument("checkpoint", help="pre-training checkpoint (.pt) or exported encoder (.safetensors)")
+    q.add_argument("--image", required=True, help="image or volume (a file micromae reads)")
+    q.add_argument("--reference", required=True, help="reference class labels, same shape (partial labels: --ignore)")
+    q.add_argument("--ignore", type=int, default=None,
+                   help="reference value that is not a label (e.g. 0 outside the cells, 255 unlabelled)")
+    q.add_argument("--mask", help="score inside this mask only")
+    q.add_argument("--k", type=int, nargs="+", default=[6, 8, 10], help="k-means k's (default 6 8 10)")
+    q.add_argument("--random-encoders", type=int, default=3, help="random-init controls (default 3)")
+    q.add_argument("--planes", type=int, default=4, help="Z planes evaluated (default 4; alternate train/held-out)")
+    q.add_argument("--probe-pixels", type=int, default=20_000, help="labelled pixels the probe is fitted on")
+    q.add_argument("--fit-pixels", type=int, default=50_000, help="pixels the k-means are fitted on")
+    q.add_argument("--central-tokens", type=int, default=None, help="cover-and-stride central tokens")
+    q.add_argument("--class-names", help="comma-separated class names (default: classes.json beside the reference)")
+    q.add_argument("--no-handmade", action="store_true", help="skip the hand-made feature row")
+    q.add_argument("--axes", help="axes of --image when its metadata does not say (e.g. ZYX)")
+    q.add_argument("--normalize", choices=("dtype", "minmax", "percentile"),
+                   help="intensity scaling (default: the checkpoint's)")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    q.add_argument("--out", required=True, help="report folder (new or empty)")
+    q.set_defaults(func=cmd_evaluate_pretraining)
 
     cli_classify.register(sub, ev)
     cli_instances.register(sub, ev)
