@@ -14,7 +14,7 @@ from micromae.data.normalize import intensity_range, is_constant, sample_voxels,
 from micromae.data.sampler import PLANES, CropStream, PlaneCropSampler, make_loader
 from micromae.errors import MicromaeInputError
 
-NO_AUG = dict(min_crop_frac=1.0, flip_p=0.0)
+NO_AUG = dict(min_crop_frac=1.0, flip_p=0.0, normalize="dtype")  # dtype: decode() reads exact values back
 
 
 def coord_volume(shape: tuple[int, int, int] = (20, 24, 28)) -> np.ndarray:

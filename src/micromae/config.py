@@ -28,7 +28,8 @@ from micromae.errors import MicromaeInputError, input_error
 
 
 # string fields that take one of a fixed set of values: the coercer checks them (one place for every config)
-Normalize = Literal["dtype", "minmax", "percentile", "channel_stats"]  # channel_stats: multi-channel folders only
+# auto: dtype for 8-bit data, percentile otherwise; channel_stats: multi-channel folders only
+Normalize = Literal["auto", "dtype", "minmax", "percentile", "channel_stats"]
 Amp = Literal["auto", "bf16", "off"]  # auto: bf16 on CUDA
 
 
@@ -83,7 +84,7 @@ class DataConfig:
     pad_mode: Literal["constant", "reflect"] = "constant"
     min_crop_frac: float = 0.5
     flip_p: float = 0.5
-    normalize: Normalize = "dtype"
+    normalize: Normalize = "auto"  # auto: dtype for 8-bit data, percentile for 16-bit and float
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     num_workers: int = 0
     n_images: int = 16  # synthetic_mif: how many images (each synthetic_shape[-2:] pixels)

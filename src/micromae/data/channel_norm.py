@@ -28,7 +28,7 @@ import numpy as np
 from micromae.data.normalize import check_percentiles
 from micromae.errors import input_error
 
-NORMALIZE_MODES = ("dtype", "minmax", "percentile", "channel_stats")
+NORMALIZE_MODES = ("auto", "dtype", "minmax", "percentile", "channel_stats")
 DEFAULT_PERCENTILES = (0.5, 99.8)
 
 
@@ -88,6 +88,8 @@ def normalize_channels(array: np.ndarray, normalize: str = "dtype",
     ``hi_c == lo_c`` gives 0.
     """
     check_normalize(normalize, percentiles)
+    if normalize == "auto":  # 8-bit: divide by 255; 16-bit and float: each channel's own percentiles
+        normalize = "dtype" if array.dtype == np.bool_ or array.dtype.itemsize == 1 else "percentile"
     if normalize == "dtype":
         return scale_to_unit(array)
     if normalize == "channel_stats" and ranges is None:

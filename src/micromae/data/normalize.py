@@ -1,8 +1,11 @@
 """Intensity normalisation: find a volume's intensity range, then scale voxels to [0, 1].
 
 MAESTER feeds the encoder intensities in [0, 1] (uint8 EM divided by 255). micromae generalises this to
-three ways of choosing the range ``(lo, hi)`` that maps to ``[0, 1]``:
+four ways of choosing the range ``(lo, hi)`` that maps to ``[0, 1]``:
 
+- ``"auto"`` (the default): ``"dtype"`` for 8-bit and bool data, ``"percentile"`` for everything else. Many
+  16-bit EM and light-microscopy files use a few hundred of their 65 536 values; divided by 65535 they would
+  become an almost constant image.
 - ``"dtype"``: the full range of the integer type (uint8 -> (0, 255), uint16 -> (0, 65535), other integer
   types by ``np.iinfo``, bool -> (0, 1)); float data has no such range and falls back to ``"minmax"``.
 - ``"minmax"``: the smallest and largest voxel.
@@ -25,7 +28,8 @@ import torch
 
 from micromae.errors import input_error
 
-MODES = ("dtype", "minmax", "percentile")
+MODES = ("auto", "dtype", "minmax", "percentile")
+MIN_CONTRAST = 0.03  # scaled data whose central 99 % span less of [0, 1] than this are refused as too faint
 BLOCK_EDGE = 32  # edge of the sampled blocks: 32**3 voxels, one cheap read each
 MAX_BLOCKS = 1024  # bound on the number of reads for very thin or very large volumes
 
@@ -99,20 +103,63 @@ def is_constant(volume: Any, max_samples: int = 1_000_000, seed: int = 0) -> boo
     return lo == hi
 
 
-def intensity_range(volume: Any, mode: str = "dtype", percentiles: tuple[float, float] = (0.5, 99.5),
-                    max_samples: int = 1_000_000, seed: int = 0, name: str = "volume") -> tuple[float, float]:
+def intensity_range(volume: Any, mode: str = "auto", percentiles: tuple[float, float] = (0.5, 99.5),
+                    max_samples: int = 1_000_000, seed: int = 0, name: str = "volume",
+                    min_contrast: float = MIN_CONTRAST) -> tuple[float, float]:
     """The intensity range ``(lo, hi)`` that :func:`scale_intensity` maps to ``[0, 1]``.
 
     volume: array-like of any shape (numpy, memmap, zarr, lazy volume); only a subsample is read.
-    mode: ``"dtype"`` | ``"minmax"`` | ``"percentile"`` (see the module docstring); float data with
-    ``"dtype"`` uses ``"minmax"``. percentiles: ``(low, high)`` in [0, 100], for ``"percentile"``.
-    name: how error messages call the volume. Raises MicromaeInputError for an unknown mode, non-numeric
-    or non-finite data, or a constant range (``hi == lo``).
+    mode: ``"auto"`` | ``"dtype"`` | ``"minmax"`` | ``"percentile"`` (see the module docstring); float data
+    with ``"dtype"`` uses ``"minmax"``. percentiles: ``(low, high)`` in [0, 100], for ``"percentile"``.
+    name: how error messages call the volume. min_contrast: refuse data whose central 99 % of voxels span
+    less than this fraction of [0, 1] after scaling (:func:`check_contrast`; 0 disables). Raises
+    MicromaeInputError for an unknown mode, non-numeric or non-finite data, a constant range (``hi == lo``)
+    or too faint a result.
     """
     if mode not in MODES:
         raise input_error(f"{name}: normalize mode", f"one of {MODES}", repr(mode),
-                          "Use 'dtype' for uint8/uint16 EM, 'percentile' for data with outliers")
+                          "Use 'auto' (8-bit: dtype, else percentile), 'dtype' for full-range 8-bit EM, "
+                          "'percentile' for 16-bit or data with outliers")
     dtype = _check_dtype(volume, name)
+    mode = resolve_mode(mode, dtype)
+    lo, hi = _range(volume, mode, dtype, percentiles, max_samples, seed, name)
+    if min_contrast > 0:
+        check_contrast(volume, lo, hi, mode, min_contrast, max_samples, seed, name)
+    return lo, hi
+
+
+def resolve_mode(mode: str, dtype: Any) -> str:
+    """``"auto"`` -> ``"dtype"`` for 8-bit integers and bool, else ``"percentile"``; other modes unchanged."""
+    if mode != "auto":
+        return mode
+    dtype = np.dtype(dtype)
+    return "dtype" if dtype.kind == "b" or (dtype.kind in "iu" and dtype.itemsize == 1) else "percentile"
+
+
+def check_contrast(volume: Any, lo: float, hi: float, mode: str, min_contrast: float = MIN_CONTRAST,
+                   max_samples: int = 1_000_000, seed: int = 0, name: str = "volume") -> float:
+    """The fraction of [0, 1] that the central 99 % of ``volume``'s voxels span once ``(lo, hi)`` maps to [0, 1];
+    MicromaeInputError below ``min_contrast`` (a faint image that scaling would flatten), naming the fix."""
+    values, _ = sample_voxels(volume, max_samples, seed)
+    if values.size == 0 or values.min() == values.max():
+        return 0.0  # constant: the callers' constant-volume checks say so more plainly
+    q_lo, q_hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if q_hi == q_lo:  # sparse objects on a flat background: judge by the objects
+        q_lo, q_hi = float(values.min()), float(values.max())
+    span = (q_hi - q_lo) / (hi - lo)
+    if span < min_contrast:
+        raise input_error(
+            f"{name}: intensities after scaling (normalize={mode}, range {lo:g}..{hi:g})",
+            f"at least {min_contrast:.0%} of [0, 1] spanned by the central 99 % of voxels",
+            f"{span:.2%} (those voxels lie between {q_lo:g} and {q_hi:g}, dtype {np.dtype(volume.dtype)})",
+            "Scale by the data's own range: data.normalize=percentile (or auto, the default) for pre-training, "
+            "then segment with that checkpoint",
+        )
+    return span
+
+
+def _range(volume: Any, mode: str, dtype: np.dtype, percentiles: tuple[float, float], max_samples: int, seed: int,
+           name: str) -> tuple[float, float]:
     if mode == "dtype" and dtype.kind == "b":
         return 0.0, 1.0
     if mode == "dtype" and dtype.kind in "iu":

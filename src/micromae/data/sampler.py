@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from micromae.data.normalize import MODES, intensity_range, is_constant, scale_intensity
+from micromae.data.normalize import MODES, intensity_range, is_constant, resolve_mode, scale_intensity
 from micromae.errors import input_error
 
 PLANES = {"YX": (0, 1, 2), "ZX": (1, 0, 2), "ZY": (2, 0, 1)}  # plane -> (slice axis, row axis, column axis)
@@ -88,7 +88,7 @@ class PlaneCropSampler:
 
     def __init__(self, volumes: Sequence[Any] | Any, fov: int = 80, planes: Sequence[str] = ("YX", "ZX", "ZY"),
                  pad: int = 4, pad_mode: str = "constant", min_crop_frac: float = 0.5, flip_p: float = 0.5,
-                 vflip_p: float = 0.0, normalize: str = "dtype", percentiles: tuple[float, float] = (0.5, 99.5),
+                 vflip_p: float = 0.0, normalize: str = "auto", percentiles: tuple[float, float] = (0.5, 99.5),
                  seed: int = 0, rank: int = 0, volume_weights: Sequence[float] | None = None,
                  label_volumes: Sequence[Any] | Any | None = None, ignore_index: int = 255) -> None:
         self.volumes = _check_volumes(volumes)
@@ -100,7 +100,8 @@ class PlaneCropSampler:
         if pad_mode not in PAD_MODES:
             raise input_error("pad_mode", f"one of {PAD_MODES}", repr(pad_mode), "MAESTER pads with zeros")
         if normalize not in MODES:
-            raise input_error("normalize", f"one of {MODES}", repr(normalize), "Use 'dtype' for uint8 EM")
+            raise input_error("normalize", f"one of {MODES}", repr(normalize),
+                              "Use 'auto' (8-bit: dtype, else percentile)")
         self.pad_mode, self.normalize, self.percentiles = pad_mode, normalize, tuple(percentiles)
         self.min_crop_frac = _check_prob("min_crop_frac", min_crop_frac, open_low=True)
         self.flip_p, self.vflip_p = _check_prob("flip_p", flip_p), _check_prob("vflip_p", vflip_p)
@@ -132,7 +133,8 @@ class PlaneCropSampler:
     def _intensity_range(self, i: int, volume: Any) -> tuple[float, float]:
         name = f"volume {i} (shape {tuple(volume.shape)})"
         lo, hi = intensity_range(volume, self.normalize, self.percentiles, seed=self.seed, name=name)
-        if self.normalize == "dtype" and np.dtype(volume.dtype).kind in "biu" and is_constant(volume, seed=self.seed):
+        if (resolve_mode(self.normalize, volume.dtype) == "dtype" and np.dtype(volume.dtype).kind in "biu"
+                and is_constant(volume, seed=self.seed)):
             raise input_error(name, "varying intensities", "a constant volume (every voxel the same)",
                               "Drop this volume (it holds no image) or check that it was read correctly")
         return lo, hi

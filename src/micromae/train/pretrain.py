@@ -13,6 +13,7 @@ from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.figures import plot_loss_curves
 from micromae.models import MaskedAutoencoder
+from micromae.runtime import say
 from micromae.train.dama_objectives import build_dama_comparison_objective
 from micromae.train.distributed import main_process_first
 from micromae.train.engine import Objective, TrainResult
@@ -43,10 +44,21 @@ def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
                                            branch2=branch2, **dama)
 
 
+def sampler_planes(volumes: list, planes: list[str]) -> tuple[str, ...]:
+    """The planes to sample: ``planes``, except that 2-D images (volumes of one slice) have only YX planes, so
+    a config that lists ZX / ZY (the default) samples YX alone there (said on the terminal)."""
+    planes = tuple(planes)
+    if volumes and all(int(v.shape[0]) == 1 for v in volumes) and set(planes) - {"YX", "XY"}:
+        say("2-D images: sampling YX crops only (data.planes=[YX]; ZX and ZY planes need a 3-D volume)")
+        return ("YX",)
+    return planes
+
+
 def build_sampler(cfg: PretrainConfig, rank: int = 0) -> PlaneCropSampler:
     d = cfg.data
+    volumes = load_training_volumes(d)
     return PlaneCropSampler(
-        load_training_volumes(d), fov=cfg.model.img_size, planes=tuple(d.planes), pad=d.pad,
+        volumes, fov=cfg.model.img_size, planes=sampler_planes(volumes, d.planes), pad=d.pad,
         pad_mode=d.pad_mode, min_crop_frac=d.min_crop_frac, flip_p=d.flip_p, normalize=d.normalize,
         percentiles=tuple(d.percentiles), seed=cfg.train.seed, rank=rank,
     )
