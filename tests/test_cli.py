@@ -149,14 +149,19 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
     small = ["data.synthetic_shape=[10,64,64]", "data.planes=[YX]", "model.embed_dim=32", "model.depth=2",
              "train.batch_size=16"]
-    outputs = run_demo(tmp_path / "demo", steps=20, samples=2000, sweep=(4,), overrides=small)
-    for key in ("loss_curve", "reconstruction", "checkpoint", "report", "metrics"):
+    outputs = run_demo(tmp_path / "demo", steps=20, samples=2000, sweep=(4,), overrides=small,
+                       heldout_shape=(8, 48, 48))
+    for key in ("loss_curve", "reconstruction", "checkpoint", "report", "metrics", "pretraining"):
         assert outputs[key].is_file(), key
     assert (tmp_path / "demo" / "data" / "image.tif").is_file()
     metrics = json.loads(outputs["metrics"].read_text())
     assert metrics["masked"] and metrics["n_clusters"] == 6 and [r["k"] for r in metrics["k_sweep"]] == [4, 6]
     assert (tmp_path / "demo" / "report" / "overlays.png").is_file()
-    again = run_demo(tmp_path / "demo", steps=20, samples=2000, sweep=(4,), overrides=small)  # resumes: no new work
+    report = outputs["report"].read_text()
+    assert "## What pre-training bought" in report and "random-init encoder" in report and "gain over" in report
+    again = run_demo(tmp_path / "demo", steps=20, samples=2000, sweep=(4,), overrides=small,
+                     heldout_shape=(8, 48, 48))  # resumes: no new work
+    assert again["report"].read_text().count("## What pre-training bought") == 1
     assert again["checkpoint"].stat().st_mtime == outputs["checkpoint"].stat().st_mtime
 
 
