@@ -118,6 +118,41 @@ def baseline_rows(image: np.ndarray, ref: np.ndarray, names: list[str], base: di
 
 
 # ------------------------------------------------------------------------------------------------ MAESTER
+def random_init_rows(checkpoint: Path, image: np.ndarray, ref: np.ndarray, names: list[str], base: dict[str, Any],
+                     ks: list[int], work: Path, n_samples: int, n_random: int, mask: np.ndarray | None = None,
+                     ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The control: the same pipeline (``micromae segment``, exact, the same k's and samples) with ``n_random``
+    random-init encoders of the checkpoint's shape; per seed and per k one row per mapping, then one
+    aggregated row per k and mapping (mean Dice per class, ``mean_dice`` the mean over seeds, its
+    ``mean_dice_std`` / ``mean_dice_min`` / ``mean_dice_max``)."""
+    from micromae.evaluate.pretraining import write_random_init_checkpoint
+
+    per_seed: list[dict[str, Any]] = []
+    for i in range(n_random):
+        seed = 1000 + i
+        ckpt = write_random_init_checkpoint(checkpoint, seed, work / f"random_init_{seed}.pt")
+        labels, clock = maester_labels(ckpt, image, ks, work, n_samples, mask=mask)
+        for j, k in enumerate(ks):
+            timing = clock if j == 0 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as the first k"}
+            per_seed += score_rows(labels[k], ref, names, {**base, "method": f"random-init encoder seed {seed} "
+                                                           f"(k={k})", "control_seed": seed, "k": k, **timing},
+                                   mask=mask, ignore=ignore)
+    rows = list(per_seed)
+    for k in ks:
+        for mapping in ("hungarian", "majority"):
+            part = [r for r in per_seed if r["k"] == k and r["mapping"] == mapping]
+            means = np.array([r["mean_dice"] for r in part])
+            dice = {n: round(float(np.mean([r["dice"][n] for r in part])), 4) for n in part[0]["dice"]}
+            rows.append({**base, "method": f"random-init encoder, mean of {n_random} (k={k})", "mapping": mapping,
+                         "mean_dice": round(float(means.mean()), 4), "dice": dice,
+                         "mean_dice_std": round(float(means.std(ddof=1)) if len(means) > 1 else 0.0, 4),
+                         "mean_dice_min": round(float(means.min()), 4), "mean_dice_max": round(float(means.max()), 4),
+                         "cpu_s": round(sum(r["cpu_s"] for r in part), 1),
+                         "wall_s": round(sum(r["wall_s"] for r in part), 1)})
+    return rows
+
+
+
 def pretrain(preset: str, overrides: list[str], run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Pre-train ``preset`` with ``overrides`` in ``run_dir`` (resumed if there); returns (checkpoint, timing)."""
     from micromae.train.pretrain import run_pretrain
@@ -164,6 +199,8 @@ def synthetic_rows(checkpoint: Path, seed: int, shape: tuple[int, int, int], arg
         timing = clock if i == 0 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as the first k"}
         rows += score_rows(labels[k], ref, names, {**base, "method": f"MAESTER (k={k})", **timing}, mask=mask,
                            ignore=ignore)
+    rows += random_init_rows(checkpoint, image, ref, names, base, args.ks, work, args.samples, args.random, mask,
+                             ignore)
     return rows + baseline_rows(image, ref, names, base, kmeans_k=tuple(args.ks), mask=mask, ignore=ignore)
 
 
@@ -186,6 +223,8 @@ def nuclei_rows(args: argparse.Namespace, work: Path, train_overrides: list[str]
     for k in (2, 3, 4):
         timing = clock if k == 4 else {"cpu_s": 0.0, "wall_s": 0.0, "note": "same encoder pass as k=4"}
         rows += score_rows(labels[k], ref, NUCLEI_CLASSES, {**base, "method": f"MAESTER (k={k})", **timing})
+    rows += random_init_rows(Path(ckpt), image, ref, NUCLEI_CLASSES, base, [4, 2, 3], work, args.samples,
+                             args.random)
     return rows + baseline_rows(image, ref, NUCLEI_CLASSES, base, otsu=(2,), kmeans_k=())
 
 
@@ -240,7 +279,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for data in dict.fromkeys(r["data"] for r in rows):
         part = [r for r in rows if r["data"] == data]
         train = [r for r in part if "dice" not in r]
-        scored = [r for r in part if "dice" in r]
+        scored = [r for r in part if "dice" in r and "control_seed" not in r]  # per-seed controls: jsonl only
         lines += [f"## {data}, shape {part[0]['shape']}", ""]
         for r in train:
             lines.append(f"{r['method']}: {r['steps']} steps, final loss {r['final_loss']}, "
@@ -253,8 +292,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   "|---|---|" + "---|" * (len(names) + 3)]
         for r in scored:
             dice = " | ".join(f"{r['dice'][n]:.3f}" for n in names)
-            lines.append(f"| {r['method']} | {r['mapping']} | {dice} | {r['mean_dice']:.3f} | {r['cpu_s']} | "
-                         f"{r['wall_s']} |")
+            mean = f"{r['mean_dice']:.3f}" + (f" ± {r['mean_dice_std']:.3f} [{r['mean_dice_min']:.3f}, "
+                                              f"{r['mean_dice_max']:.3f}]" if "mean_dice_std" in r else "")
+            lines.append(f"| {r['method']} | {r['mapping']} | {dice} | {mean} | {r['cpu_s']} | {r['wall_s']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -290,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supervised", nargs="*", default=["segmenter_tiny", "vitdec_tiny"], metavar="PRESET",
                    help="supervised baselines to train on partial labels (default segmenter_tiny vitdec_tiny; "
                         "none: --supervised with no names)")
+    p.add_argument("--random", type=int, default=3,
+                   help="random-init encoders of the same shape run through the same pipeline (default 3)")
     p.add_argument("--nuclei", action="store_true", help="also pre-train and evaluate on the nuclei sample")
     p.add_argument("--nuclei-checkpoint", type=Path, help="a checkpoint pre-trained on sample:nuclei")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny volume, 20 steps (numbers mean nothing)")
@@ -307,7 +349,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     train_seed = cfg.data.synthetic_seed if args.train_seed is None else args.train_seed
     extra = []
     if args.quick:
-        shape, args.samples, args.z_step = (8, 64, 64), 2000, 1
+        shape, args.samples, args.z_step, args.random = (8, 64, 64), 2000, 1, 2
         extra = ["train.steps=20", "train.log_every=10", "train.ckpt_every=20", "train.figure_every=20",
                  "data.planes=[YX]"]
     rows: list[dict[str, Any]] = []

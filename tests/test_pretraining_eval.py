@@ -162,3 +162,19 @@ def test_run_refuses_reference_of_another_shape(tiny_run, tmp_path):
         run_evaluate_pretraining(tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif",
                                  bad, tmp_path / "out", PretrainingEval(**SMALL))
     assert not (tmp_path / "out").exists()
+
+
+def test_random_init_checkpoint_runs_through_any_verb(tiny_run, tmp_path):
+    from micromae.evaluate.pretraining import write_random_init_checkpoint
+
+    src = tiny_run / "run" / "checkpoints" / "last.pt"
+    path = write_random_init_checkpoint(src, 3, tmp_path / "random3.pt")
+    enc, meta = load_encoder(path)
+    trained, tmeta = load_encoder(src)
+    assert meta.fields == tmeta.fields and meta.normalize == tmeta.normalize  # same shape, same scaling
+    w = "blocks.0.attn.qkv.weight"
+    assert torch.equal(enc.state_dict()[w], random_encoder_like(trained, 3).state_dict()[w])
+    assert not torch.equal(enc.state_dict()[w], trained.state_dict()[w])
+    out = tmp_path / "seg.zarr"
+    assert main(["segment", "--checkpoint", str(path), "--input", str(tiny_run / "data" / "image.tif"),
+                 "--output", str(out), "--k", "3", "--samples", "500", "--device", "cpu"]) == 0

@@ -187,3 +187,10 @@ def test_quality_benchmark_scores_every_method_per_class(tmp_path):
         assert r["mean_dice"] == pytest.approx(np.mean(list(r["dice"].values())), abs=1e-3)
     table = (tmp_path / "out" / "segmentation_quality.md").read_text()
     assert "| MAESTER (k=6) | hungarian |" in table and "segmenter_tiny (supervised" in table
+    # the control: the same pipeline with random-init encoders of the same shape, per seed and aggregated
+    seeds = {r["control_seed"] for r in scored if "control_seed" in r}
+    assert seeds == {1000, 1001}
+    agg = [r for r in scored if r["method"] == "random-init encoder, mean of 2 (k=6)" and r["mapping"] == "hungarian"]
+    per = [r["mean_dice"] for r in scored if "control_seed" in r and r["mapping"] == "hungarian"]
+    assert len(agg) == 1 and agg[0]["mean_dice"] == pytest.approx(np.mean(per), abs=1e-3)
+    assert agg[0]["mean_dice_min"] == min(per) and "| random-init encoder, mean of 2 (k=6) | hungarian |" in table

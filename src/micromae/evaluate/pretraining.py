@@ -40,9 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import micromae
 from micromae.errors import input_error
 from micromae.evaluate.metrics import contingency, evaluate_table, segmentation_scores
 from micromae.figures import save_figure
+from micromae.io import atomic_path
 from micromae.models.pretrained import encoder_fields
 from micromae.models.vit import ViTEncoder
 from micromae.runtime import eval_mode, say
@@ -51,7 +53,7 @@ from micromae.segment.cover_stride import embed_pixels
 
 __all__ = ["PretrainingEval", "controls_key", "evaluate_pretraining", "evaluation_pixels", "handmade_features",
            "n_handmade_channels", "pretraining_figure", "pretraining_markdown", "random_encoder_like",
-           "run_evaluate_pretraining", "select_planes", "split_train_test"]
+           "run_evaluate_pretraining", "select_planes", "split_train_test", "write_random_init_checkpoint"]
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # plane (H, W) in [0, 1] -> features (H, W, D) float32
 
@@ -97,6 +99,25 @@ def random_encoder_like(encoder: nn.Module, seed: int) -> ViTEncoder:
         torch.random.set_rng_state(state)
     device = next(encoder.parameters()).device
     return fresh.to(device).eval()
+
+
+def write_random_init_checkpoint(checkpoint: str | Path, seed: int, output: str | Path) -> Path:
+    """A checkpoint like ``checkpoint`` (same config, so the same scaling and shape) whose encoder is freshly
+    initialised (:func:`random_encoder_like`), at step 0: the control any command that takes a checkpoint
+    (``micromae segment``, ``cluster``, ``embed``, fine-tuning) can run as "the same pipeline, random init"."""
+    from micromae.models.pretrained import load_checkpoint, load_encoder
+
+    encoder, meta = load_encoder(checkpoint)
+    fresh = random_encoder_like(encoder, seed)
+    state = {"model": {f"encoder.{k}": v for k, v in fresh.state_dict().items()}, "step": 0,
+             "config": load_checkpoint(checkpoint).get("config") or meta.config,
+             "extra": {"random_init_seed": int(seed), "shape_of": str(checkpoint), "shape_of_sha256": meta.sha256},
+             "micromae_version": micromae.__version__}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output, overwrite=True) as tmp:
+        torch.save(state, tmp)
+    return output
 
 
 def handmade_features(plane: np.ndarray, sigma_min: float = 0.5, sigma_max: float = 8.0) -> np.ndarray:
