@@ -222,7 +222,7 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
 
     if not isinstance(checkpoints, Mapping):
         checkpoints = {("random init" if p == "random" else Path(p).stem): str(p) for p in checkpoints}
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     inputs = _input_settings(checkpoints, normalize, percentiles)
     probe = ProbeData(root, axes, channels)
     only_random = all(p == "random" for p in checkpoints.values())
