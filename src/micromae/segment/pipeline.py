@@ -26,8 +26,10 @@ from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
 
 
-def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None) -> Any:
-    """A single-channel (Z, Y, X) volume, read lazily; a 2-D image becomes one slice."""
+def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None,
+                      check: bool = True) -> Any:
+    """A single-channel (Z, Y, X) volume, read lazily; a 2-D image becomes one slice. ``check=False`` for masks
+    (a mask that keeps every voxel is constant, and fine)."""
     if isinstance(path, np.ndarray):
         arr = path
         if arr.ndim == 2:
@@ -35,7 +37,7 @@ def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, ke
         if arr.ndim != 3:
             raise input_error("input", "a 2-D image or 3-D volume", f"shape {arr.shape}", "Pass one channel")
         return arr
-    vol = open_volume(path, axes=axes, key=key)
+    vol = open_volume(path, axes=axes, key=key, check=check)
     if vol.axes == "YX":
         return vol.read()[None]
     if vol.axes != "ZYX":
@@ -197,7 +199,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
         raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
                           f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
     volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path)
+    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
     ks = sorted({k, *sweep})
     if main is None:
         n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
@@ -256,7 +258,7 @@ def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     output = check_output(output, overwrite=overwrite, suffixes=(".npz",), folder=False)
     encoder, config, sha = encoder_on_device(checkpoint, device)
     volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path)
+    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
     n_samples = check_sample(volume, mask, [k], n_samples, seed, settings)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens}

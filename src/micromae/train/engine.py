@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from micromae.config import TrainConfig
 from micromae.errors import at_least, input_error
+from micromae.io import check_free_space
+from micromae.io.preflight import existing_ancestor
 from micromae.runtime import say
 from micromae.train.checkpoint import (
     load_checkpoint,
@@ -165,6 +167,10 @@ def train(
     if info.is_main:
         for orphan in remove_orphans(ckpt_dir):
             say(f"removed {orphan}, left by a checkpoint write that did not finish")
+        # a checkpoint holds the weights and about two optimiser moments each; step file, last.pt and the one
+        # being written may exist at once
+        need = 3 * 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_free_space(existing_ancestor(ckpt_dir, "--run-dir"), need, "--run-dir", run_dir)
     if resume_from is not None:
         step = _load_resume_state(resume_from, model, optimizer, scheduler, objective, device)
         if info.is_main:
