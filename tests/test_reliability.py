@@ -183,6 +183,12 @@ CASES: dict[str, Case] = {
     "evaluate instances existing out": Case("evaluate instances --coco {bad}/coco.json --predictions "
                                             "{bad}/not_json.json --out {bad}/existing_dir", ("an existing",),
                                             keeps="existing_dir"),
+    # probe
+    "probe existing out": Case("probe --checkpoint random --data {bad} --out {bad}/existing_dir",
+                               ("an existing", "--overwrite"), keeps="existing_dir"),
+    "probe folds 0": Case("probe --checkpoint random --data {bad} --folds 0 --out {out}/p", ("--folds",)),
+    "probe test-size 1.5": Case("probe --checkpoint random --data {bad} --test-size 1.5 --out {out}/p",
+                                ("--test-size",)),
     # export
     "export-encoder pt output": Case("export-encoder --checkpoint {ckpt} --output {out}/enc.pt", (".safetensors",)),
     "export-encoder existing output": Case("export-encoder --checkpoint {ckpt} --output "
@@ -222,7 +228,7 @@ def test_the_table_covers_every_writing_verb():
     verbs = {" ".join(c.argv.split()[:2]) if c.argv.startswith(("data", "evaluate")) else c.argv.split()[0]
              for c in CASES.values()}
     assert {"segment", "cluster", "embed", "pretrain", "finetune", "data synth-em", "data synth-mif",
-            "data betaseg-labels", "evaluate segmentation", "evaluate instances", "export-encoder"} <= verbs
+            "data betaseg-labels", "evaluate segmentation", "evaluate instances", "export-encoder", "probe"} <= verbs
     assert len(CASES) >= 50
 
 

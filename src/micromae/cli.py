@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"micromae: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("micromae: interrupted; resume with --resume auto", file=sys.stderr)
+        print("micromae: interrupted; run the same command again to resume (pretrain / finetune: add --resume auto)",
+              file=sys.stderr)
         return 130
     except OSError as exc:  # a full or read-only disk, no permission, a file where a folder is expected, ...
         message = os_error_message(exc)
