@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides (`micromae config-keys` lists every key and its default)")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
     p.add_argument("--resume", metavar="auto|CKPT",
-                   help="continue a run: `auto` picks RUN_DIR/checkpoints/last.pt, or give a checkpoint")
+                   help="continue a run: `auto` picks the newest intact, finite checkpoint in RUN_DIR/checkpoints, "
+                        "or give a checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N optimiser steps in this invocation (for job time limits; resume later)")
     p.set_defaults(func=cmd_pretrain)
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file or preset name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", metavar="auto|CKPT", help="continue a run (auto: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--resume", metavar="auto|CKPT", help="continue a run (auto: the newest intact checkpoint)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N optimiser steps in this invocation")
     p.set_defaults(func=cmd_finetune)
 
