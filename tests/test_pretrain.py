@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg("train.steps=5", "train.ckpt_every=1")
     with pytest.raises(TrainingDiverged, match="step 3") as err:
         run_pretrain(cfg, tmp_path / "r")
-    assert "last good checkpoint" in str(err.value)
+    assert "newest checkpoint" in str(err.value) and "step_0000002.pt" in str(err.value)
     assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["step"] == 2
 
 

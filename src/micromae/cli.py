@@ -10,7 +10,7 @@ from pathlib import Path
 from micromae import cli_classify, cli_instances, cli_segment
 from micromae.config import FINETUNE_TASKS, PretrainConfig, finetune_task, list_presets, resolve_config
 from micromae.config_tasks import TASK_CONFIGS as FINETUNE_CONFIGS
-from micromae.errors import MicromaeInputError, input_error
+from micromae.errors import MicromaeInputError, at_least, input_error, os_error_message
 
 __all__ = ["build_parser", "main"]
 
@@ -46,11 +46,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_synth_em(args: argparse.Namespace) -> int:
     from micromae.data.synthetic_em import make_em_volume, write_em_volume
+    from micromae.io import atomic_path, check_output
 
     if len(args.shape) != 3 or min(args.shape) < 1:
         raise input_error("--shape", "three positive sizes Z Y X", str(args.shape), "e.g. --shape 64 256 256")
+    at_least("--seed", args.seed, 0)
+    out = check_output(args.out, overwrite=args.overwrite, what="--out", folder=True,
+                       need_bytes=4 * args.shape[0] * args.shape[1] * args.shape[2])
     vol = make_em_volume(shape=tuple(args.shape), seed=args.seed)
-    out = write_em_volume(args.out, vol, betaseg_layout=args.betaseg_layout)
+    with atomic_path(out, overwrite=args.overwrite) as tmp:  # all files appear at once; --overwrite replaces whole
+        write_em_volume(tmp, vol, betaseg_layout=args.betaseg_layout)
     print(f"wrote synthetic EM volume {tuple(args.shape)} (seed {args.seed}) to {out}")
     return 0
 
@@ -58,32 +63,45 @@ def cmd_synth_em(args: argparse.Namespace) -> int:
 def cmd_synth_mif(args: argparse.Namespace) -> int:
     from micromae.data.synthetic_mif import write_mif_dataset
 
+    from micromae.io import check_output
+
     if len(args.shape) != 2 or min(args.shape) < 64:
         raise input_error("--shape", "two sizes H W of at least 64", str(args.shape), "e.g. --shape 512 512")
-    paths = write_mif_dataset(args.out, n_images=args.n_images, shape=tuple(args.shape), seed=args.seed,
-                              crop_size=args.crop_size)
+    at_least("--seed", args.seed, 0)
+    at_least("--n-images", args.n_images, 1)
+    at_least("--crop-size", args.crop_size, 8)
+    out = Path(args.out)
+    empty_folder = out.is_dir() and not any(out.iterdir())
+    check_output(out, overwrite=args.overwrite or empty_folder, what="--out", folder=True)
+    paths = write_mif_dataset(out, n_images=args.n_images, shape=tuple(args.shape), seed=args.seed,
+                              crop_size=args.crop_size, overwrite=args.overwrite)
     print(f"wrote {args.n_images} synthetic multiplex images, cell crops and COCO annotations to {paths['root']}")
     return 0
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> int:
+    from micromae.io import check_output
     from micromae.train.export import export_encoder
 
-    path = export_encoder(args.checkpoint, args.output, branch=args.branch)
+    out = check_output(args.output, overwrite=args.overwrite, suffixes=(".safetensors",), folder=False)
+    check_output(out.with_suffix(".json"), overwrite=args.overwrite, what="--output's description", folder=False)
+    path = export_encoder(args.checkpoint, out, branch=args.branch)
     print(f"wrote the encoder (branch {args.branch}) to {path} and {path.with_suffix('.json')}")
     return 0
 
 
 def cmd_betaseg_labels(args: argparse.Namespace) -> int:
     from micromae.data.betaseg import load_betaseg_cell
-    from micromae.io import write_files_atomically
+    from micromae.io import atomic_path, check_output, write_files_atomically
 
+    out = check_output(args.out, overwrite=args.overwrite, what="--out", folder=True)
     cell = load_betaseg_cell(args.root, args.cell)
-    written = write_files_atomically(
-        args.out, {"labels.tif": cell.labels, "cell_mask.tif": cell.cell_mask.astype("uint8")},
-        texts={"classes.json": json.dumps({"class_names": list(cell.class_names)}, indent=2)},
-        compress=("labels.tif", "cell_mask.tif"))
-    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    with atomic_path(out, overwrite=args.overwrite) as tmp:
+        write_files_atomically(
+            tmp, {"labels.tif": cell.labels, "cell_mask.tif": cell.cell_mask.astype("uint8")},
+            texts={"classes.json": json.dumps({"class_names": list(cell.class_names)}, indent=2)},
+            compress=("labels.tif", "cell_mask.tif"))
+    print(f"wrote {out / 'labels.tif'}, {out / 'cell_mask.tif'}, {out / 'classes.json'}")
     return 0
 
 
@@ -91,6 +109,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from micromae.config import PretrainConfig, load_config
     from micromae.train.pretrain import run_pretrain
 
+    if args.stop_after is not None:
+        at_least("--stop-after", args.stop_after, 1)
     cfg = load_config(resolve_config(args.config), PretrainConfig, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     result = run_pretrain(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
@@ -109,6 +129,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     else:
         from micromae.train.seg_finetune import load_seg_finetune_config as load, run_seg_finetune as run
 
+    if args.stop_after is not None:
+        at_least("--stop-after", args.stop_after, 1)
     cfg = load(path, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     result = run(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
@@ -130,7 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     names = args.class_names.split(",") if args.class_names else None
     ignore = args.ignore.split(",") if args.ignore else ()
     run_evaluate_segmentation(args.pred, args.reference, args.out, mask=args.mask, image=args.image,
-                              class_names=names, ignore=ignore, figures=not args.no_figures)
+                              class_names=names, ignore=ignore, figures=not args.no_figures,
+                              overwrite=args.overwrite)
     return 0
 
 
@@ -190,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(labels.tif: 0 outside, 1 cytoplasm, 2 membrane, 3 nucleus, "
                                         "4 mitochondria, 5 granules), cell_mask.tif and instances.tif.")
     q.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256], metavar=("Z", "Y", "X"),
                    help="volume size in voxels (default 64 256 256)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -207,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size (default 512 512)")
     q.add_argument("--crop-size", type=int, default=100, help="side of the single-cell crops (default 100)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.set_defaults(func=cmd_synth_mif)
     q = data_sub.add_parser("betaseg-labels", help="turn a betaSeg cell's masks into one label volume",
                             description="Combine the per-class masks of a betaSeg cell into labels.tif (0 outside, "
@@ -214,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "for micromae evaluate segmentation.")
     q.add_argument("--root", required=True, help="betaSeg folder (flat, or one sub-folder per cell)")
     q.add_argument("--cell", required=True, help="cell name, e.g. high_c4")
-    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--out", required=True, help="output folder (must not exist yet)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.set_defaults(func=cmd_betaseg_labels)
 
     p = sub.add_parser("pretrain", help="pre-train a masked autoencoder",
@@ -228,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides (`micromae config-keys` lists every key and its default)")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
     p.add_argument("--resume", metavar="auto|CKPT",
-                   help="continue a run: `auto` picks RUN_DIR/checkpoints/last.pt, or give a checkpoint")
+                   help="continue a run: `auto` picks the newest intact, finite checkpoint in RUN_DIR/checkpoints, "
+                        "or give a checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N optimiser steps in this invocation (for job time limits; resume later)")
     p.set_defaults(func=cmd_pretrain)
@@ -244,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file or preset name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", metavar="auto|CKPT", help="continue a run (auto: RUN_DIR/checkpoints/last.pt)")
+    p.add_argument("--resume", metavar="auto|CKPT", help="continue a run (auto: the newest intact checkpoint)")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N optimiser steps in this invocation")
     p.set_defaults(func=cmd_finetune)
 
@@ -271,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--class-names", help="comma-separated class names (default: classes.json beside the reference)")
     q.add_argument("--ignore", help="comma-separated classes left out of the mean Dice")
     q.add_argument("--no-figures", action="store_true", help="numbers only")
-    q.add_argument("--out", required=True, help="report folder")
+    q.add_argument("--out", required=True, help="report folder (must not exist yet)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.set_defaults(func=cmd_evaluate)
 
     q = ev.add_parser("pretraining", help="what pre-training bought: a checkpoint against random-init encoders",
@@ -310,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="pre-training checkpoint")
     p.add_argument("--output", required=True, help="output .safetensors file")
     p.add_argument("--branch", type=int, default=1, choices=(1, 2), help="DAMA branch (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output and its .json")
     p.set_defaults(func=cmd_export_encoder)
 
     p = sub.add_parser("config-keys", help="every config key with its default",
@@ -345,8 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"micromae: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("micromae: interrupted; resume with --resume auto", file=sys.stderr)
+        print("micromae: interrupted; run the same command again to resume (pretrain / finetune: add --resume auto)",
+              file=sys.stderr)
         return 130
+    except OSError as exc:  # a full or read-only disk, no permission, a file where a folder is expected, ...
+        message = os_error_message(exc)
+        if message is None:
+            raise  # not something the user controls: an internal error keeps its traceback
+        print(f"micromae: error: {message}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         from micromae.train.engine import TrainingDiverged
 

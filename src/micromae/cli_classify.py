@@ -48,7 +48,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     result = run_probe(parse_checkpoints(args.checkpoint), args.data, out=args.out, axes=args.axes,
                        channels=_channels(args.channels), size=args.size, branch=args.branch, folds=args.folds,
                        test_size=args.test_size, seed=args.seed, k=args.k, vote=args.vote, pool=args.pool,
-                       device=args.device, normalize=args.normalize, percentiles=args.percentiles)
+                       device=args.device, normalize=args.normalize, percentiles=args.percentiles,
+                       overwrite=args.overwrite)
     s = result["settings"]
     print(f"{s['n_crops']} crops, {len(s['classes'])} classes (chance {s['chance']:.3f}), {s['folds']} splits:")
     for r in result["rows"]:
@@ -113,7 +114,8 @@ def register(sub: argparse._SubParsersAction, evaluate: argparse._SubParsersActi
                         "crops use dtype or channel_stats (one range per channel for the folder), not percentile")
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="for percentile / channel_stats (default 0.5 99.8)")
-    p.add_argument("--out", help="folder for probe.json and probe.md (default: print only)")
+    p.add_argument("--out", help="folder for probe.json and probe.md, must not exist yet (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     p.set_defaults(func=lambda a: cmd_probe(_default_folds(a, 5)))
 
     q = evaluate.add_parser(

@@ -13,7 +13,8 @@ def cmd_evaluate_instances(args: argparse.Namespace) -> int:
 
     metrics = run_evaluate_instances(args.coco, args.out, checkpoint=args.checkpoint, predictions=args.predictions,
                                      image_root=args.image_root, axes=args.axes, device=args.device,
-                                     inference=args.inference, max_dets=args.max_dets)
+                                     inference=args.inference, max_dets=args.max_dets,
+                                     overwrite=args.overwrite)
     for iou_type, m in metrics.items():
         name = "box " if iou_type == "bbox" else "mask"
         print(f"{name} mAP {m['mAP']:.4f}  mAP@50 {m['mAP50']:.4f}  mAP@75 {m['mAP75']:.4f}  "
@@ -41,5 +42,6 @@ def register(sub: argparse._SubParsersAction, evaluate: argparse._SubParsersActi
     q.add_argument("--max-dets", type=int, default=100,
                    help="COCOeval's largest maxDets and the detections kept per image (default 100)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    q.add_argument("--out", required=True, help="report folder")
+    q.add_argument("--out", required=True, help="report folder (must not exist yet)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.set_defaults(func=cmd_evaluate_instances)

@@ -22,17 +22,24 @@ def _settings(args: argparse.Namespace):
                            axes=axes, batch_size=args.batch_size, amp=not args.no_amp)
 
 
-def _parse_ks(text: str | None) -> list[int]:
-    """``4..10`` or ``4,6,8`` → list of ints."""
+def _parse_ks(text: str | None, option: str = "--sweep") -> list[int]:
+    """``4..10`` or ``4,6,8`` → list of ints (for ``option``: ``--sweep`` or ``--slices``); a range must
+    ascend."""
     if not text:
         return []
     try:
         if ".." in text:
-            lo, hi = text.split("..")
-            return list(range(int(lo), int(hi) + 1))
-        return [int(v) for v in text.split(",")]
+            lo, hi = (int(v) for v in text.split(".."))
+            values = list(range(lo, hi + 1))
+        else:
+            lo = hi = 0
+            values = [int(v) for v in text.split(",")]
     except ValueError as exc:
-        raise input_error("--sweep", "a range like 4..10 or a list like 4,6,8", repr(text), "Fix --sweep") from exc
+        raise input_error(option, "a range like 4..10 or a list like 4,6,8", repr(text), f"Fix {option}") from exc
+    if not values:
+        raise input_error(option, "an ascending range FIRST..LAST", f"{text!r} ({lo} > {hi}: no values)",
+                          f"Write it as {hi}..{lo}")
+    return values
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -50,7 +57,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     path = run_cluster(args.checkpoint, args.input, args.output, k=args.k, settings=_settings(args),
                        n_samples=args.samples, seed=args.seed, mask_path=args.mask, axes=args.axes, key=args.key,
-                       device=args.device)
+                       device=args.device, overwrite=args.overwrite)
     print(f"wrote {args.k} centres to {path}")
     return 0
 
@@ -58,7 +65,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from micromae.segment.pipeline import run_embed
 
-    slices = _parse_ks(args.slices) if args.slices else None
+    slices = _parse_ks(args.slices, "--slices") if args.slices else None
     path = run_embed(args.checkpoint, args.input, args.output, slices, _settings(args), args.axes, args.key,
                      args.device, args.overwrite)
     print(f"wrote pixel embeddings to {path}")
@@ -101,8 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--checkpoint runs/demo/pretrain/checkpoints/last.pt --input cell.tif "
                                    "--axes ZYX --output seg.zarr --k 6")
     inference_options(p)
-    p.add_argument("--output", required=True, help="output Zarr group (e.g. seg.zarr)")
-    p.add_argument("--k", type=int, default=6, help="number of clusters (default 6)")
+    p.add_argument("--output", required=True, help="output Zarr group, a name ending in .zarr (e.g. seg.zarr)")
+    p.add_argument("--k", type=int, default=None, help="number of clusters (default 6, or the k of --centres)")
     p.add_argument("--centres", help="reuse centres from micromae cluster (.npz) instead of fitting")
     p.add_argument("--sweep", help="also write labels_k<K> for these k, e.g. 4..10 (no extra encoder passes)")
     p.add_argument("--pca", type=int, default=0, metavar="D", help="also write D PCA components of the features")
@@ -116,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     inference_options(p)
     p.add_argument("--output", required=True, help="centres file (.npz)")
     p.add_argument("--k", type=int, default=6, help="number of clusters (default 6)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing centres file")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("embed", help="write exact pixel embeddings of some slices",

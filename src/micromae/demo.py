@@ -70,7 +70,7 @@ def _segment_and_evaluate(out: Path, checkpoint: Path, data_dir: Path, k: int, s
         run_segment(checkpoint, data_dir / "image.tif", seg, k=k, sweep=sweep, n_samples=samples,
                     mask_path=data_dir / "cell_mask.tif")
     report = run_evaluate_segmentation(seg, data_dir / "labels.tif", out / "report", mask=data_dir / "cell_mask.tif",
-                                       image=data_dir / "image.tif")
+                                       image=data_dir / "image.tif", overwrite=True)  # derived: redone each run
     scores = report["result"]["hungarian"]["scores"]["per_class"]
     say("Dice per class (Hungarian mapping, inside the cells): " +
         ", ".join(f"{name} {v['dice']:.2f}" for name, v in scores.items() if v["dice"] is not None))

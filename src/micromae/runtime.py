@@ -21,8 +21,11 @@ def say(msg: str) -> None:
     print(f"micromae: {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU. Explicit ``cuda`` / ``cuda:N`` / ``mps`` / ``cpu`` are checked."""
+def resolve_device(spec: str = "auto", local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU. Explicit ``cuda`` / ``cuda:N`` / ``mps`` / ``cpu`` are checked;
+    ``option`` is what the user set it with (``train.device`` in a config, ``--device`` on a verb), named in
+    the error."""
+    fix = f"Use {option}=auto or cpu" if "." in option else f"Use {option} auto or cpu"
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -32,14 +35,16 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise input_error("train.device", "auto, cpu, cuda, cuda:N or mps", repr(spec), "Fix train.device") from exc
+        raise input_error(option, "auto, cpu, cuda, cuda:N or mps", repr(spec), f"Fix {option}") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise input_error("train.device", "a machine with CUDA", "no CUDA device", "Use train.device=auto or cpu")
+            raise input_error(option, "a machine with CUDA", "no CUDA device", fix)
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise input_error(option, f"a CUDA device index below {torch.cuda.device_count()}", repr(spec), fix)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise input_error("train.device", "a machine with MPS", "no MPS device", "Use train.device=auto or cpu")
+        raise input_error(option, "a machine with MPS", "no MPS device", fix)
     return device
 
 

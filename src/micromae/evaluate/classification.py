@@ -221,7 +221,7 @@ def run_evaluate_classification(checkpoints: Mapping[str, str], root: str | Path
         raise input_error(f"output folder '{out}'", "a new folder or one from the same evaluation settings",
                           "results of other settings", "Pass another --out, or delete the folder to start over")
     _write(saved, json.dumps(settings, indent=2))
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     splits = None
     jobs = len(checkpoints) * len(methods) * folds * len(fractions)
     bar = tqdm(total=jobs, desc="classification protocol", unit="fold")

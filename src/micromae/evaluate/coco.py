@@ -34,10 +34,10 @@ from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from micromae.data.coco import CocoInstanceDataset, check_coco, read_coco_json, segmentation_rle
-from micromae.errors import input_error
+from micromae.errors import at_least, input_error
 from micromae.evaluate.report import markdown_table
 from micromae.figures import plt, save_figure
-from micromae.io import write_files_atomically
+from micromae.io import atomic_path, check_output, write_files_atomically
 from micromae.runtime import resolve_device
 from micromae.train.maskrcnn import load_maskrcnn_model
 
@@ -185,9 +185,15 @@ def coco_evaluate(gt: str | Path | dict | COCO, results: str | Path | list[dict]
         if not path.is_file():
             raise input_error("predictions", "an existing COCO results JSON", f"'{path}' does not exist",
                               "Pass the predictions.json written by micromae evaluate instances")
-        results = json.loads(path.read_text())
-    if not isinstance(results, list):
-        raise input_error("predictions", "a JSON list of COCO results", type(results).__name__, "Fix the file")
+        try:
+            results = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise input_error(f"predictions '{path}'", "a COCO results JSON file", f"a file that is not JSON ({exc})",
+                              "Pass the predictions.json written by micromae evaluate instances") from exc
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise input_error("predictions", "a JSON list of COCO results (one object per detection)",
+                          type(results).__name__ if not isinstance(results, list) else "a list of other values",
+                          "Fix the file")
     unknown = {r.get("image_id") for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise input_error("predictions", "image ids of the ground-truth file", f"unknown ids {sorted(unknown)[:5]}",
@@ -265,7 +271,7 @@ def _report(metrics: dict[str, dict[str, Any]], source: str, coco: str) -> str:
 def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | Path | None = None,
                            predictions: str | Path | None = None, image_root: str | Path | None = None,
                            axes: str | None = None, device: str = "auto", inference: str | None = None,
-                           max_dets: int = 100) -> dict[str, dict[str, Any]]:
+                           max_dets: int = 100, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Predict ``coco``'s images with a Mask R-CNN ``checkpoint`` (or score existing ``predictions``) and
     write ``out/``: ``predictions.json`` (when predicted), ``metrics.json``, ``report.md``, ``pr_curves.png``.
     ``inference``: ``whole`` or ``tiles`` (default: the run's config). Images are scaled to [0, 1] as in
@@ -273,10 +279,12 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
     if (checkpoint is None) == (predictions is None):
         raise input_error("evaluate instances", "either --checkpoint or --predictions",
                           "both" if checkpoint else "neither", "Pass a checkpoint to predict, or a results JSON")
+    at_least("--max-dets", max_dets, 1, "Pass --max-dets 1 or more (COCO's default is 100)")
+    out = check_output(out, overwrite=overwrite, what="--out", folder=True)
     gt = load_coco_gt(coco)
     texts: dict[str, str] = {}
     if checkpoint is not None:
-        model, cfg = load_maskrcnn_model(checkpoint, resolve_device(device))
+        model, cfg = load_maskrcnn_model(checkpoint, resolve_device(device, option="--device"))
         model.roi_heads.detections_per_img = max(int(max_dets), model.roi_heads.detections_per_img)
         dataset = CocoInstanceDataset(coco, image_root=image_root, axes=axes, crop_size=cfg.data.crop_size,
                                       normalize=cfg.data.normalize, percentiles=cfg.data.percentiles)
@@ -295,9 +303,9 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
     else:
         results, source = predictions, str(predictions)
     metrics = coco_evaluate(gt, results, max_dets=max_dets)
-    out = Path(out)
-    plot_pr_curves(metrics, out / "pr_curves.png", title=str(source))
     texts["metrics.json"] = json.dumps({"source": source, "ground_truth": str(coco), **metrics}, indent=2)
     texts["report.md"] = _report(metrics, source, str(coco))
-    write_files_atomically(out, {}, texts)
+    with atomic_path(out, overwrite=overwrite) as tmp:  # the folder appears complete; --overwrite replaces it whole
+        plot_pr_curves(metrics, tmp / "pr_curves.png", title=str(source))
+        write_files_atomically(tmp, {}, texts)
     return metrics

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from micromae.config_tasks import ClassifyModelConfig
 from micromae.data.channel_norm import DEFAULT_PERCENTILES, check_normalize
-from micromae.errors import input_error
-from micromae.io import atomic_path
+from micromae.errors import at_least, input_error
+from micromae.io import atomic_path, check_output, write_files_atomically
 from micromae.models import ViTEncoder
 from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_checkpoint, load_encoder
 from micromae.evaluate.report import markdown_table
@@ -206,8 +206,10 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
               branch: int = 1, folds: int = 5, test_size: float = 0.4, seed: int = 0, k: int = 20,
               temperature: float = 0.07, vote: str = "weighted", pool: str = "avg", epochs: int = 100,
               device: str = "auto", normalize: str | None = None,
-              percentiles: Sequence[float] | None = None) -> dict[str, Any]:
+              percentiles: Sequence[float] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Linear-probe and k-NN accuracy of frozen encoders on the crops of ``root/<class>/*.tif``.
+
+    ``out`` (optional) must not exist yet unless ``overwrite`` (then it is replaced whole).
 
     ``normalize`` / ``percentiles``: how crops are scaled to [0, 1] (``dtype``, ``percentile``, ``minmax``);
     None: as each encoder's checkpoint was trained (its ``data.normalize``), see :func:`checkpoint_normalize`.
@@ -220,9 +222,16 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
     # local: evaluate.classification imports this module at its top (a cycle otherwise)
     from micromae.evaluate.classification import stratified_splits
 
+    at_least("--folds", folds, 1)
+    at_least("--k", k, 1)
+    if not 0 < test_size < 1:
+        raise input_error("--test-size", "a share between 0 and 1", repr(test_size), "e.g. --test-size 0.4")
+    if out is not None:
+        out = check_output(out, overwrite=overwrite, what="--out", folder=True)
+
     if not isinstance(checkpoints, Mapping):
         checkpoints = {("random init" if p == "random" else Path(p).stem): str(p) for p in checkpoints}
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     inputs = _input_settings(checkpoints, normalize, percentiles)
     probe = ProbeData(root, axes, channels)
     only_random = all(p == "random" for p in checkpoints.values())
@@ -257,14 +266,12 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
         table = markdown_table([{"encoder": r["encoder"], "inputs": r["normalize"],
                                  "linear probe": f"{r['linear_mean']:.3f} ± {r['linear_std']:.3f}",
                                  f"k-NN (k={k}, {vote})": f"{r['knn_mean']:.3f} ± {r['knn_std']:.3f}"} for r in rows])
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("probe.json", json.dumps(result, indent=2)),
-                           ("probe.md", f"# Frozen-feature probes\n\n{len(crops)} crops, {folds} stratified splits "
-                                        f"({1 - test_size:.0%} train / {test_size:.0%} test), chance "
-                                        f"{settings['chance']:.3f}\n\n{table}\n")):
-            with atomic_path(out / name, overwrite=True) as tmp:
-                tmp.write_text(text)
+        texts = {"probe.json": json.dumps(result, indent=2),
+                 "probe.md": f"# Frozen-feature probes\n\n{len(crops)} crops, {folds} stratified splits "
+                             f"({1 - test_size:.0%} train / {test_size:.0%} test), chance "
+                             f"{settings['chance']:.3f}\n\n{table}\n"}
+        with atomic_path(out, overwrite=overwrite) as tmp:  # appears complete; --overwrite replaces it whole
+            write_files_atomically(tmp, {}, texts)
     return result
 
 

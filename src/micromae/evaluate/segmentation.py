@@ -19,7 +19,7 @@ from micromae.evaluate.metrics import ContingencyAccumulator, evaluate_table, re
 from micromae.evaluate.render3d import render_volume_surfaces
 from micromae.evaluate.report import write_segmentation_report
 from micromae.evaluate.seg_figures import plot_confusion, plot_k_sweep, plot_overlays, plot_umap
-from micromae.io import open_volume
+from micromae.io import atomic_path, check_output, open_volume
 from micromae.runtime import say
 from micromae.segment.cluster import ClusterModel
 
@@ -38,6 +38,24 @@ def open_prediction(path: str | Path) -> tuple[dict[int | str, Any], zarr.Group 
                 arrays[int(name[len("labels_k"):])] = group[name]
         return arrays, group
     return {"main": open_volume(path, check=False)}, None
+
+
+MAX_CLASSES = 64  # betaSeg has 8; an 8-bit image has up to 256 distinct values
+
+
+def check_reference(ref: Any, path: str | Path) -> None:
+    """Refuse a reference that holds no classes: floating-point values, or more distinct values than a
+    class volume has (an image passed as ``--reference``). Reads at most a few slices."""
+    dtype = np.dtype(ref.dtype)
+    if dtype.kind not in "biu":
+        raise input_error(f"--reference '{path}'", "a volume of integer class ids (e.g. labels.tif)",
+                          f"{dtype} values", "Pass the reference labels, not the image")
+    zs = np.unique(np.linspace(0, ref.shape[0] - 1, num=min(8, ref.shape[0])).round().astype(int))
+    values = np.unique(np.concatenate([np.unique(np.asarray(ref[int(z)])) for z in zs]))
+    if len(values) > MAX_CLASSES or (len(values) and int(values.max()) >= 1 << 16):
+        raise input_error(f"--reference '{path}'", f"class ids (at most {MAX_CLASSES} classes)",
+                          f"{len(values)} distinct values up to {int(values.max())}",
+                          "Pass the reference labels, not the image (micromae data synth-em writes labels.tif)")
 
 
 def _read_class_names(reference: str | Path, n: int) -> list[str]:
@@ -62,11 +80,17 @@ def _accumulate(pred: Any, ref: Any, mask: Any, slab: int = 8) -> np.ndarray:
 def run_evaluate_segmentation(pred_path: str | Path, reference: str | Path, out_dir: str | Path,
                               mask: str | Path | None = None, image: str | Path | None = None,
                               class_names: Sequence[str] | None = None, ignore: Sequence[str] = (),
-                              figures: bool = True, umap_points: int = 50_000) -> dict[str, Any]:
-    """Evaluate ``pred_path`` against ``reference`` (restricted to ``mask``); write metrics, report and PNGs."""
-    out_dir = Path(out_dir)
+                              figures: bool = True, umap_points: int = 50_000, overwrite: bool = False
+                              ) -> dict[str, Any]:
+    """Evaluate ``pred_path`` against ``reference`` (restricted to ``mask``); write metrics, report and PNGs.
+
+    ``out_dir`` must not exist yet unless ``overwrite`` (then it is replaced whole): the report is written
+    into a temporary sibling and renamed, so it appears complete or not at all.
+    """
+    out_dir = check_output(out_dir, overwrite=overwrite, what="--out", folder=True)
     arrays, group = open_prediction(pred_path)
     ref = open_volume(reference, check=False)
+    check_reference(ref, reference)
     msk = None if mask is None else open_volume(mask, check=False)
     main = arrays["main"]
     for name, arr in (("reference", ref), ("mask", msk)):
@@ -82,9 +106,12 @@ def run_evaluate_segmentation(pred_path: str | Path, reference: str | Path, out_
         sweep[result["n_clusters"]] = result
     rows = sweep_k_table(sweep) if sweep else None
     figs: dict[str, Path] = {}
-    if figures:
-        figs = _figures(result, main, ref, msk, image, group, names, rows, out_dir, umap_points)
-    paths = write_segmentation_report(result, out_dir, figures=figs, sweep_rows=rows)
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        if figures:
+            figs = _figures(result, main, ref, msk, image, group, names, rows, tmp, umap_points)
+        paths = write_segmentation_report(result, tmp, figures=figs, sweep_rows=rows)
+    figs = {title: out_dir / p.relative_to(tmp) for title, p in figs.items()}
+    paths = {name: out_dir / Path(p).relative_to(tmp) for name, p in paths.items()}
     h = result["hungarian"]["scores"]
     say(f"mean Dice {h['mean_dice']:.3f} (Hungarian), {result['majority']['scores']['mean_dice']:.3f} (majority); "
         f"report: {paths['report']}")

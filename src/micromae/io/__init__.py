@@ -7,6 +7,7 @@ atomic (temporary sibling + rename) and refuse to overwrite unless asked.
 from __future__ import annotations
 
 from micromae.io.axes import CANONICAL_AXES, canonical_axes, parse_axes, to_canonical
+from micromae.io.preflight import check_free_space, check_output, format_bytes
 from micromae.io.readers import SUPPORTED, detect_format, file_sha256, open_volume, split_key
 from micromae.io.validate import check_crop_fits, check_shape_and_dtype, check_values, require_axes
 from micromae.io.volume import Volume
@@ -29,10 +30,13 @@ __all__ = [
     "atomic_path",
     "canonical_axes",
     "check_crop_fits",
+    "check_free_space",
+    "check_output",
     "check_shape_and_dtype",
     "check_values",
     "detect_format",
     "file_sha256",
+    "format_bytes",
     "open_volume",
     "parse_axes",
     "require_axes",

@@ -80,6 +80,10 @@ def detect_format(path: Path) -> str:
                               "The store looks incomplete or corrupt; write or copy it again")
         raise input_error(f"directory '{path}'", f"an image file or Zarr store; supported: {SUPPORTED}",
                           "a directory that is not a Zarr store", "Point at one image file or a .zarr store")
+    if name.rstrip("/\\").endswith(".zarr"):
+        raise input_error(f"path '{path}'", "a Zarr store, which is a folder (holding zarr.json, .zarray or .zgroup)",
+                          "a file", "Point at the .zarr folder itself; a file of that name is not a Zarr store "
+                          "(was it zipped or copied without its contents?)")
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
     if name.endswith(HDF5_SUFFIXES):

@@ -32,6 +32,30 @@ class EmbeddingSample:
     coords: np.ndarray
 
 
+def pick_slices(shape: tuple[int, ...], axes: tuple[int, ...], seed: int, max_slices: int = 64
+                ) -> list[tuple[int, int]]:
+    """The (axis, index) slices :func:`sample_pixel_embeddings` draws its pixels from (the first draw of its
+    random generator, so the same for the same ``seed``)."""
+    picks = [(a, int(i)) for a in axes for i in range(shape[a])]
+    order = np.random.default_rng(seed).permutation(len(picks))[:max_slices]
+    return [picks[k] for k in order]
+
+
+def sample_capacity(shape: tuple[int, ...], axes: tuple[int, ...] = (0,), mask: Any = None, seed: int = 0,
+                    max_slices: int = 64) -> int:
+    """How many distinct pixels :func:`sample_pixel_embeddings` can draw: those (inside ``mask``) of the slices
+    it picks. Cheap (no encoder pass; reads only those slices of the mask), so a verb can check ``k`` and cap
+    the sample size before it starts."""
+    axes = tuple(check_axis(a) for a in axes)
+    total = 0
+    for axis, index in pick_slices(tuple(int(s) for s in shape), axes, seed, max_slices):
+        if mask is None:
+            total += int(np.prod([s for i, s in enumerate(shape) if i != axis]))
+        else:
+            total += int(np.count_nonzero(np.asarray(PlaneView(mask, axis, index)[:, :])))
+    return total
+
+
 @torch.inference_mode()
 def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, intensity_range: tuple[float, float],
                             axes: tuple[int, ...] = (0,), central_tokens: int | None = None, pad_mode: str = "reflect",
@@ -41,7 +65,9 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
 
     Slices are drawn at random along ``axes`` (at most ``max_slices`` of them, each read once); inside a slice
     random windows are encoded and their central tokens kept. With ``mask`` (same shape, nonzero = keep) only
-    pixels inside the mask are kept (and at least one must be).
+    pixels inside the mask are kept (and at least one must be). A slice asked for at least as many pixels as
+    it has gives each of them once (every window of cover-and-stride's lattice, no random draws), so the
+    sample never holds more than :func:`sample_capacity` pixels.
     """
     geom = encoder_geometry(encoder, central_tokens, "exact")
     p, c, fov = geom.patch, geom.central, geom.fov(0)
@@ -51,14 +77,13 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
     if mask is not None and tuple(mask.shape) != shape:
         raise input_error("mask", f"the volume's shape {shape}", f"shape {tuple(mask.shape)}",
                           "Pass a mask of the same size as the volume")
-    picks = [(a, int(i)) for a in axes for i in range(shape[a])]
-    order = rng.permutation(len(picks))[:max_slices]
-    per_slice = int(np.ceil(n_samples / len(order)))
+    slices = pick_slices(shape, axes, seed, max_slices)
+    rng.permutation(sum(shape[a] for a in axes))  # the draw pick_slices made: the same stream after it
+    per_slice = int(np.ceil(n_samples / len(slices)))
     device = next(encoder.parameters()).device
     feats, coords = [], []
     with eval_mode(encoder):
-        for k in tqdm(order, desc="sampling embeddings", unit="slice", disable=not progress):
-            axis, index = picks[k]
+        for axis, index in tqdm(slices, desc="sampling embeddings", unit="slice", disable=not progress):
             plane = PlaneView(volume, axis, index)
             height, width = plane.shape
             ys, xs = np.arange(-fov, height + fov), np.arange(-fov, width + fov)
@@ -70,6 +95,16 @@ def sample_pixel_embeddings(encoder: nn.Module, volume: Any, n_samples: int, int
             n_by, n_bx = -(-height // block), -(-width // block)
             inside_frac = height * width / (n_by * n_bx * block * block)
             got, rounds = 0, 0
+            if keep is not None and not keep.any():
+                continue
+            if per_slice >= (height * width if keep is None else int(keep.sum())):  # all pixels, once each
+                by, sy, bx, sx = np.meshgrid(np.arange(n_by), np.arange(p), np.arange(n_bx), np.arange(p),
+                                             indexing="ij")
+                y, x = (block * by + sy).ravel(), (block * bx + sx).ravel()
+                f, xyz = _encode_sampled(encoder, padded, y, x, geom, fov, keep, axis, index, batch_size)
+                feats.append(f)
+                coords.append(xyz)
+                continue
             while got < per_slice and rounds < 4:
                 n_windows = int(np.ceil(1.2 * (per_slice - got) / (c * c * inside_frac))) + 1
                 y = block * rng.integers(0, n_by, n_windows) + rng.integers(0, p, n_windows)

@@ -14,19 +14,22 @@ import torch
 import zarr
 
 from micromae.data.normalize import intensity_range
-from micromae.errors import input_error
-from micromae.io import open_volume, write_array
+from micromae.errors import at_least, input_error
+from micromae.io import check_free_space, check_output, open_volume, write_array
+from micromae.io.preflight import existing_ancestor
 from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
 from micromae.segment.cluster import ClusterModel
 from micromae.segment.cover_stride import embed_pixels_region
-from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_pixel_embeddings
+from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_capacity, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
 
 
-def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None) -> Any:
-    """A single-channel (Z, Y, X) volume, read lazily; a 2-D image becomes one slice."""
+def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, key: str | None = None,
+                      check: bool = True) -> Any:
+    """A single-channel (Z, Y, X) volume, read lazily; a 2-D image becomes one slice. ``check=False`` for masks
+    (a mask that keeps every voxel is constant, and fine)."""
     if isinstance(path, np.ndarray):
         arr = path
         if arr.ndim == 2:
@@ -34,7 +37,7 @@ def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, ke
         if arr.ndim != 3:
             raise input_error("input", "a 2-D image or 3-D volume", f"shape {arr.shape}", "Pass one channel")
         return arr
-    vol = open_volume(path, axes=axes, key=key)
+    vol = open_volume(path, axes=axes, key=key, check=check)
     if vol.axes == "YX":
         return vol.read()[None]
     if vol.axes != "ZYX":
@@ -43,11 +46,31 @@ def open_input_volume(path: str | Path | np.ndarray, axes: str | None = None, ke
     return vol
 
 
+def check_volume_encoder(encoder: torch.nn.Module, checkpoint: str | Path, config: dict) -> None:
+    """Refuse an encoder these verbs cannot use on a one-channel volume, before any encoder pass: one with
+    another channel count (a DAMA or multiplex checkpoint) or with non-finite weights (a diverged run)."""
+    chans = int(encoder.in_chans)
+    if chans != 1:
+        objective = config.get("objective") or "an unknown"
+        raise input_error(f"checkpoint '{checkpoint}'", "a single-channel encoder (MAESTER pre-training on "
+                          "volumes): segment, cluster and embed read one-channel volumes",
+                          f"an encoder of {chans} input channels ({objective} objective)",
+                          "Pass a checkpoint of `micromae pretrain maester_*`; multi-channel encoders are used "
+                          "by micromae probe, finetune and evaluate classification")
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in encoder.parameters())
+    if bad:
+        raise input_error(f"checkpoint '{checkpoint}'", "finite weights", f"{bad} weights that are NaN or infinite",
+                          "The run diverged before this checkpoint: use an earlier one, or pre-train again with a "
+                          "lower train.lr or train.grad_clip=1.0")
+
+
 def encoder_on_device(checkpoint: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict, str]:
-    """Encoder of a pre-training checkpoint (:func:`~micromae.models.pretrained.load_encoder`), in eval mode on
-    ``device`` (said on the terminal); also its config dict and the file's SHA-256."""
+    """Encoder of a pre-training checkpoint (:func:`~micromae.models.pretrained.load_encoder`), checked by
+    :func:`check_volume_encoder`, in eval mode on ``device`` (said on the terminal); also its config dict and
+    the file's SHA-256."""
     encoder, meta = load_encoder(checkpoint)
-    dev = resolve_device(device)
+    check_volume_encoder(encoder, checkpoint, meta.config)
+    dev = resolve_device(device, option="--device")
     say(f"encoder from {checkpoint} on {dev}")
     return encoder.eval().to(dev), meta.config, meta.sha256
 
@@ -59,11 +82,47 @@ def volume_range(volume: Any, config: dict, normalize: str | None = None) -> tup
     return intensity_range(volume, mode, tuple(data.get("percentiles", (0.5, 99.5))))
 
 
+def check_settings(settings: SegmentSettings) -> None:
+    """Options of the embedding the CLI cannot check by type."""
+    at_least("--batch-size", settings.batch_size, 1)
+    if settings.central_tokens is not None:
+        at_least("--central-tokens", settings.central_tokens, 1)
+
+
+def check_ks(ks: Sequence[int], option: str = "--k") -> None:
+    for k in ks:
+        at_least(option, k, 2, f"Pass {option} 2 or more (k-means with one cluster labels every voxel alike)")
+
+
+def check_sample(volume: Any, mask: Any, ks: Sequence[int], n_samples: int, seed: int,
+                 settings: SegmentSettings) -> int:
+    """Check ``--samples``, the mask's shape and ``k`` against the pixels a sample can hold, before any encoder
+    pass; return the sample size capped by the pixels that exist."""
+    at_least("--samples", n_samples, 1)
+    shape = tuple(int(s) for s in volume.shape)
+    if mask is not None and tuple(int(s) for s in mask.shape) != shape:
+        raise input_error("--mask", f"the volume's shape {shape}", f"shape {tuple(mask.shape)}",
+                          "Pass a mask of the same size as the volume")
+    capacity = sample_capacity(shape, settings.axes, mask, seed)
+    if capacity == 0:
+        raise input_error("--mask", "some nonzero pixels in the sampled slices", "none",
+                          "Check the mask (nonzero = the region to fit k-means on)")
+    n = min(n_samples, capacity)
+    if n < n_samples:
+        say(f"sampling all {n} pixels of the sampled slices (--samples {n_samples} asked for more)")
+    bad = [k for k in ks if k > n]
+    if bad:
+        raise input_error("--k", f"at most the number of sampled pixels ({n})", ", ".join(map(str, bad)),
+                          "Lower k, or give more pixels (a larger volume or mask)")
+    return n
+
+
 def fit_clusters(encoder: torch.nn.Module, volume: Any, ks: Sequence[int], rng_range: tuple[float, float],
                  n_samples: int = 200_000, seed: int = 0, mask: Any = None, settings: SegmentSettings | None = None,
                  meta: dict[str, Any] | None = None) -> tuple[dict[int, ClusterModel], EmbeddingSample]:
     """Sample exact pixel embeddings (inside ``mask`` when given) and fit one k-means per k."""
     settings = settings or SegmentSettings()
+    n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
     sample = sample_pixel_embeddings(encoder, volume, n_samples, rng_range, axes=settings.axes,
                                      central_tokens=settings.central_tokens, pad_mode=settings.pad_mode,
                                      mask=mask, batch_size=settings.batch_size, seed=seed)
@@ -79,13 +138,33 @@ def fit_pca(sample: EmbeddingSample, dim: int, seed: int = 0) -> tuple[np.ndarra
     """(mean (D,), components (dim, D)) of the sampled embeddings (scikit-learn PCA)."""
     from sklearn.decomposition import PCA
 
-    if not 1 <= dim <= sample.features.shape[1]:
-        raise input_error("--pca", f"1..{sample.features.shape[1]}", str(dim), "Pick a smaller dimension")
+    if not 1 <= dim <= min(sample.features.shape):
+        raise input_error("--pca", f"1..{min(sample.features.shape)}", str(dim), "Pick a smaller dimension")
     pca = PCA(n_components=dim, random_state=seed).fit(sample.features)
     return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
 
 
-def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: int = 6,
+def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, n_samples: int, pca_dim: int,
+                       axes: Sequence[int]) -> int:
+    """Upper bound on what ``micromae segment`` writes (uncompressed): labels per k, the tri-planar distance
+    arrays while they exist, PCA features and the sample."""
+    voxels = int(np.prod(shape))
+    fused = len(axes) > 1
+    total = sum(voxels * (1 if k <= 255 else 2) for k in ks)
+    if fused:
+        total += sum(2 * k * voxels * len(axes) for k in ks)
+    if pca_dim:
+        total += 2 * pca_dim * voxels * (1 + (len(axes) if fused else 0))
+    return total + n_samples * (2 * embed_dim + 3 * 8)
+
+
+def centres_path(output: str | Path, k: int) -> Path:
+    """Where ``micromae segment --output OUT`` writes the k-means centres for ``k``: beside OUT."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_centres_k{k}.npz")
+
+
+def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: int | None = None,
                 centres: str | Path | None = None, sweep: Sequence[int] = (), settings: SegmentSettings | None = None,
                 n_samples: int = 200_000, seed: int = 0, mask_path: Any = None, pca_dim: int = 0,
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
@@ -94,45 +173,74 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
 
     The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
     ``features_pca``, and ``sample/features`` + ``sample/coords`` (the pixels k-means was fitted on, for the
-    UMAP figure of ``micromae evaluate segmentation``); ``centres_k<K>.npz`` files are written beside it.
+    UMAP figure of ``micromae evaluate segmentation``); ``<stem>_centres_k<K>.npz`` files are written beside it.
+    ``k``: clusters (default 6, or the k of ``centres``). Everything is checked before the first encoder pass
+    (output, options, checkpoint against the data, k against the pixels a sample can hold, free disk space);
+    the work goes to ``<output>.partial``, renamed to ``output`` only once labels, centres, sample and
+    metadata are all written, so ``output`` is either absent or complete.
     """
     settings = settings or SegmentSettings()
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise input_error("--output", "a path that does not exist yet", f"'{output}' exists",
-                          "Choose another output or pass --overwrite")
+    check_settings(settings)
+    if k is not None:
+        check_ks([k])
+    check_ks(sweep, "--sweep")
+    at_least("--pca", pca_dim, 0)
+    if centres is not None and sweep:
+        raise input_error("--sweep", "no sweep when --centres is given", str(list(sweep)),
+                          "Drop --centres to fit new centres for each k")
+    output = check_output(output, overwrite=overwrite, suffixes=(".zarr",), folder=True)
+    main = ClusterModel.load(centres) if centres is not None else None
+    if main is not None and k is not None and k != main.k:
+        raise input_error("--k", f"the k of --centres '{centres}' ({main.k}) or no --k", str(k),
+                          f"Drop --k to label with those {main.k} centres, or drop --centres to fit k = {k}")
+    k = main.k if main is not None else (6 if k is None else k)
     encoder, config, sha = encoder_on_device(checkpoint, device)
+    if main is not None and main.dim != encoder.embed_dim:
+        raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
+                          f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
     volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path)
+    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
+    ks = sorted({k, *sweep})
+    if main is None:
+        n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
+        if pca_dim > min(encoder.embed_dim, n_samples):
+            raise input_error("--pca", f"0..{min(encoder.embed_dim, n_samples)} (the encoder's width, at most the "
+                              "sampled pixels)", str(pca_dim), "Pick a smaller --pca")
+    partial = output.with_name(output.name + ".partial")
+    if not partial.exists():  # a resumed run's space is mostly taken already
+        check_free_space(existing_ancestor(output, "--output"),
+                         segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
+                                            pca_dim if main is None else 0, settings.axes), "--output", output)
     rng_range = volume_range(volume, config)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
     sample = None
-    if centres is not None:
-        main = ClusterModel.load(centres)
+    if main is not None:
         if main.meta.get("checkpoint_sha256") not in (None, sha):
             say("warning: these centres were fitted with another checkpoint")
         models = {main.k: main}
-        if sweep:
-            raise input_error("--sweep", "no sweep when --centres is given", str(list(sweep)),
-                              "Drop --centres to fit new centres for each k")
     else:
-        ks = sorted({k, *sweep})
         models, sample = fit_clusters(encoder, volume, ks, rng_range, n_samples, seed, mask, settings, meta)
         main = models[k]
     clusters = {"labels": main, **{f"labels_k{kk}": m for kk, m in models.items() if kk != main.k}}
     pca = fit_pca(sample, pca_dim, seed) if (pca_dim and sample is not None) else None
+
+    def finish(group: zarr.Group) -> None:
+        """Before the rename: the centres beside the output (atomically), the sample inside it."""
+        if overwrite:  # --overwrite replaces the old output whole: its centres for other k go too
+            for old in output.parent.glob(f"{output.stem}_centres_k*.npz"):
+                old.unlink()
+        for kk, m in models.items():
+            m.save(centres_path(output, kk))
+        if save_sample and sample is not None:
+            sub = group.require_group("sample")
+            sub.create_array("features", data=sample.features.astype(np.float16), overwrite=True)
+            sub.create_array("coords", data=sample.coords, overwrite=True)
+
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
-                         overwrite=overwrite, metadata={"checkpoint_sha256": sha, "k": main.k,
-                                                        "input": str(input_path) if not isinstance(
-                                                            input_path, np.ndarray) else "<array>"})
-    for kk, m in models.items():
-        m.save(out.with_name(f"{out.stem}_centres_k{kk}.npz"))
-    if save_sample and sample is not None:
-        group = zarr.open_group(store=str(out), mode="a")
-        sub = group.require_group("sample")
-        sub.create_array("features", data=sample.features.astype(np.float16), overwrite=True)
-        sub.create_array("coords", data=sample.coords, overwrite=True)
+                         overwrite=overwrite, finish=finish,
+                         metadata={"checkpoint_sha256": sha, "k": main.k,
+                                   "input": str(input_path) if not isinstance(input_path, np.ndarray) else "<array>"})
     say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''})")
     return out
 
@@ -140,18 +248,26 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
 def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: int = 6,
                 settings: SegmentSettings | None = None, n_samples: int = 200_000, seed: int = 0,
                 mask_path: Any = None, axes: str | None = None, key: str | None = None,
-                device: str = "auto") -> Path:
+                device: str = "auto", overwrite: bool = False) -> Path:
     """``micromae cluster``: fit k-means on exact pixel embeddings sampled from a volume (inside ``mask_path``
-    when given) and save the centres with their metadata; returns the path written."""
+    when given) and save the centres with their metadata (refusing an existing ``output`` unless
+    ``overwrite``); returns the path written."""
     settings = settings or SegmentSettings()
+    check_settings(settings)
+    check_ks([k])
+    output = check_output(output, overwrite=overwrite, suffixes=(".npz",), folder=False)
     encoder, config, sha = encoder_on_device(checkpoint, device)
     volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path)
+    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
+    n_samples = check_sample(volume, mask, [k], n_samples, seed, settings)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens}
     models, _ = fit_clusters(encoder, volume, [k], volume_range(volume, config), n_samples, seed, mask, settings,
                              meta)
     return models[k].save(output)
+
+
+EMBED_SUFFIXES = (".npy", ".zarr", ".tif", ".tiff", ".h5", ".hdf5")
 
 
 def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slices: Sequence[int] | None = None,
@@ -165,10 +281,19 @@ def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slice
     never stores them).
     """
     settings = settings or SegmentSettings()
+    check_settings(settings)
+    output = check_output(output, overwrite=overwrite, suffixes=EMBED_SUFFIXES)
     encoder, config, _ = encoder_on_device(checkpoint, device)
     volume = open_input_volume(input_path, axes, key)
+    n_z = int(volume.shape[0])
+    index = list(range(n_z)) if slices is None else list(slices)
+    outside = [z for z in index if not 0 <= z < n_z]
+    if outside or not index:
+        raise input_error("--slices", f"Z slices in 0..{n_z - 1}", ", ".join(map(str, outside)) or "none",
+                          f"Pick slices of the input (it has {n_z})")
+    need = 4 * encoder.embed_dim * len(index) * int(volume.shape[1]) * int(volume.shape[2])
+    check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
     rng_range = volume_range(volume, config)
-    index = list(range(volume.shape[0])) if slices is None else list(slices)
     feats = []
     for z in index:
         plane = PlaneView(volume, 0, z)

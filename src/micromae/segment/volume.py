@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,11 +84,15 @@ def _open_partial(partial: Path, key: str, resume: bool) -> zarr.Group | None:
 def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, clusters: dict[str, ClusterModel],
                    intensity_range: tuple[float, float], settings: SegmentSettings | None = None,
                    pca: tuple[np.ndarray, np.ndarray] | None = None, resume: bool = True, overwrite: bool = False,
-                   progress: bool = True, metadata: dict[str, Any] | None = None) -> Path:
+                   progress: bool = True, metadata: dict[str, Any] | None = None,
+                   finish: Callable[[zarr.Group], None] | None = None) -> Path:
     """Label every voxel of ``volume`` (Z, Y, X) and write the Zarr group ``out_path``.
 
     clusters: output array name → cluster model, e.g. ``{"labels": k6, "labels_k4": k4}``.
     pca: optional ``(mean (D,), components (d, D))`` → also write ``features_pca`` (d, Z, Y, X) float16.
+    finish: called with the finished ``<out>.partial`` group (metadata written) just before it is renamed to
+    ``out_path``, to add what else belongs to the output; the rename comes last, so ``out_path`` never
+    holds a half-written result.
     """
     settings = settings or SegmentSettings()
     out_path = Path(out_path)
@@ -128,6 +132,8 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
         "axes": "ZYX", "settings": {**asdict(settings), "axes": list(axes)}, "intensity_range": list(intensity_range),
         "clusters": {name: m.meta for name, m in clusters.items()}, **(metadata or {}),
     })
+    if finish is not None:
+        finish(group)
     if out_path.exists():
         shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
     partial.rename(out_path)

@@ -20,15 +20,50 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from micromae.config import TrainConfig
+from micromae.errors import at_least, input_error
+from micromae.io import check_free_space
+from micromae.io.preflight import existing_ancestor
 from micromae.runtime import say
-from micromae.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from micromae.train.checkpoint import (
+    load_checkpoint,
+    non_finite_entries,
+    remove_orphans,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from micromae.train.distributed import DistInfo, all_reduce_mean
 from micromae.train.log import RunLogger
 from micromae.train.optim import build_optimizer, build_scheduler
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the weights or the optimiser state became NaN or infinite; nothing non-finite was saved, and
+    the newest checkpoint (every one written is checked finite) is kept."""
+
+
+def _load_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       objective: Objective, device: torch.device) -> int:
+    """Load a checkpoint into the run; a foreign (another model or objective) or non-finite one is a clear
+    error, not a state-dict key dump. Returns the step it was saved at."""
+    state = load_checkpoint(path, map_location=device)
+    bad = non_finite_entries(state["model"]) + non_finite_entries(state.get("optimizer"))
+    if bad:
+        raise input_error(f"--resume '{path}'", "a checkpoint with finite weights", f"{bad} NaN or infinite values",
+                          "Resume from an earlier checkpoint (--resume auto picks the newest finite one)")
+    theirs = (state.get("config") or {}).get("objective")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise input_error(f"--resume '{path}'", "a checkpoint of this run's model and objective",
+                          f"one that does not fit ({theirs or 'unknown'} objective; {first})",
+                          "Resume with a checkpoint of the same config, or start a new --run-dir") from exc
+    objective.load_state_dict(state.get("extra", {}))
+    set_rng_state(state["rng"])
+    return int(state["step"])
 
 
 class Objective:
@@ -119,20 +154,25 @@ def train(
     optimiser step consumes ``cfg.accum_steps`` micro-batches. ``stop_after`` ends this invocation after that
     many optimiser steps (for job time limits; resume later with ``resume_from``).
     """
+    for name in ("steps", "accum_steps", "batch_size"):
+        at_least(f"train.{name}", getattr(cfg, name), 1)
+    if stop_after is not None:
+        at_least("--stop-after", stop_after, 1)
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     model = objective.model.to(device)
     optimizer = objective.build_optimizer(cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
+    if info.is_main:
+        for orphan in remove_orphans(ckpt_dir):
+            say(f"removed {orphan}, left by a checkpoint write that did not finish")
+        # a checkpoint holds the weights and about two optimiser moments each; step file, last.pt and the one
+        # being written may exist at once
+        need = 3 * 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_free_space(existing_ancestor(ckpt_dir, "--run-dir"), need, "--run-dir", run_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        objective.load_state_dict(state.get("extra", {}))
-        set_rng_state(state["rng"])
-        step = int(state["step"])
+        step = _load_resume_state(resume_from, model, optimizer, scheduler, objective, device)
         if info.is_main:
             say(f"resumed from {resume_from} at step {step}")
     module: nn.Module = model
@@ -146,6 +186,13 @@ def train(
     last_loss = float("nan")
 
     def checkpoint() -> Path | None:
+        # every rank checks (their weights agree under DDP), so all stop together; nothing non-finite is saved
+        bad = non_finite_entries(model.state_dict()) + non_finite_entries(optimizer.state_dict())
+        if bad:
+            raise TrainingDiverged(
+                f"at step {step} the weights and optimiser state hold {bad} NaN or infinite values, so no checkpoint "
+                f"was written; {_newest_good(last_ckpt)}. Lower train.lr or set train.grad_clip=1.0 (or "
+                "train.amp=off), then restart with --resume auto.")
         if not info.is_main:
             return None
         return save_checkpoint(ckpt_dir, {
@@ -215,8 +262,15 @@ def _check_finite(loss: torch.Tensor, step: int, info: DistInfo, device: torch.d
         bad = all_reduce_mean(bad, info, device)
     if bad == 0.0:
         return
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     raise TrainingDiverged(
-        f"the loss became {float(loss.detach())} at step {step + 1}; {where}. Lower train.lr, set "
-        "train.grad_clip=1.0 or train.amp=off, then restart with --resume auto."
+        f"the loss became {float(loss.detach())} at step {step + 1}; {_newest_good(last_ckpt)}. Lower train.lr, "
+        "set train.grad_clip=1.0 or train.amp=off, then restart with --resume auto."
     )
+
+
+def _newest_good(last_ckpt: Path | None) -> str:
+    """Which checkpoint to go back to: every checkpoint written was checked finite first, and a resumed one
+    was checked when loaded, so the newest one is good."""
+    if last_ckpt is None:
+        return "no checkpoint was written yet"
+    return f"the newest checkpoint, {last_ckpt}, holds only finite weights"

@@ -12,6 +12,7 @@ folder (:func:`~micromae.data.synthetic_mif.write_mif_dataset`, ``RUN_DIR/synthe
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from micromae.config import TrainConfig, save_config, to_dict
-from micromae.errors import input_error
+from micromae.errors import MicromaeInputError, at_least, input_error
+from micromae.io.preflight import check_writable, existing_ancestor
 from micromae.runtime import say
 from micromae.train.checkpoint import find_resume_checkpoint
 from micromae.train.distributed import DistInfo, cleanup_distributed, init_distributed
@@ -73,9 +75,31 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that cannot hold a run: a file of that name, a path below a file, a folder micromae
+    cannot write to (read-only, no permission)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise input_error(f"--run-dir '{run_dir}'", "a folder (or nothing yet)", "a file",
+                          "Choose another --run-dir (or remove the file)")
+    folder = run_dir if run_dir.is_dir() else existing_ancestor(run_dir, "--run-dir")
+    check_writable(folder, run_dir, "--run-dir")
+
+
+def check_train_numbers(train_cfg: Any) -> None:
+    """The counts of ``train`` that must be positive (a run of 0 or -5 steps trains nothing and saves nothing)."""
+    for name in ("steps", "batch_size", "accum_steps"):
+        value = getattr(train_cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            at_least(f"train.{name}", value, 1)
+    epochs = getattr(train_cfg, "epochs", None)
+    if epochs is not None:
+        at_least("train.epochs", epochs, 1e-9, "Set train.epochs above 0 (or null to count train.steps)")
+
+
 def start_run(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from (see :func:`resolve_resume`); refuses to start afresh over a finished or
     interrupted run, so nothing is overwritten by accident."""
+    check_run_dir(run_dir)
     resume_path = resolve_resume(run_dir, resume)
     if resume_path is None and (run_dir / "checkpoints" / "last.pt").exists():
         raise input_error(f"run directory '{run_dir}'", "a new or empty run directory",
@@ -90,11 +114,14 @@ def run_training(cfg: C, run_dir: str | Path, resume: str | None, stop_after: in
 
     ``cfg.train`` must have ``device`` and ``seed``. Every process seeds torch's generator (and numpy's
     global one with ``seed_numpy``, for libraries drawing from it such as timm's Mixup) with
-    ``cfg.train.seed + rank`` before ``build``. The process group is left however the run ends.
+    ``cfg.train.seed + rank`` before ``build``. The process group is left however the run ends. A start
+    refused for bad input (before a checkpoint was written) removes the run folder if this call made it.
     """
+    check_train_numbers(cfg.train)
     check(cfg)
     run_dir = Path(run_dir)
     info, device = init_distributed(cfg.train.device)
+    fresh = not run_dir.exists()
     try:
         resume_from = start_run(run_dir, resume)
         torch.manual_seed(cfg.train.seed + info.rank)
@@ -111,5 +138,9 @@ def run_training(cfg: C, run_dir: str | Path, resume: str | None, stop_after: in
         result = train(train_cfg, plan.objective, plan.open_stream, run_dir, config_dict, info, device,
                        resume_from=resume_from, stop_after=stop_after)
         return plan.finish(result) if plan.finish is not None else result
+    except MicromaeInputError:
+        if fresh and info.is_main and run_dir.is_dir() and not any((run_dir / "checkpoints").glob("*.pt")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a refused start leaves nothing behind
+        raise
     finally:
         cleanup_distributed(info)
