@@ -150,9 +150,12 @@ def test_cli_writes_the_report_and_refuses_an_old_one(tiny_run, tmp_path, capsys
     assert (out / "pretraining.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = (out / "pretraining.json").read_bytes()
     assert main(argv) == 2
-    assert "new or empty folder" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert (out / "pretraining.json").read_bytes() == before
-    assert not list(tmp_path.glob(".*partial"))
+    (out / "stale.txt").write_text("old")
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists()  # replaced whole, never mixed
+    assert not list(tmp_path.glob(".*partial*"))
 
 
 def test_run_refuses_reference_of_another_shape(tiny_run, tmp_path):

@@ -165,7 +165,8 @@ def cmd_evaluate_pretraining(args: argparse.Namespace) -> int:
                                central_tokens=args.central_tokens, handmade=not args.no_handmade,
                                class_names=args.class_names.split(",") if args.class_names else None)
     run_evaluate_pretraining(args.checkpoint, args.image, args.reference, args.out, settings, mask=args.mask,
-                             axes=args.axes, normalize=args.normalize, device=args.device)
+                             axes=args.axes, normalize=args.normalize, device=args.device,
+                             overwrite=args.overwrite)
     return 0
 
 
@@ -325,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--normalize", choices=("dtype", "minmax", "percentile"),
                    help="intensity scaling (default: the checkpoint's)")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    q.add_argument("--out", required=True, help="report folder (new or empty)")
+    q.add_argument("--out", required=True, help="report folder (must not exist yet)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing report folder whole")
     q.set_defaults(func=cmd_evaluate_pretraining)
 
     cli_classify.register(sub, ev)

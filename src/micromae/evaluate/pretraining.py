@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,7 +42,7 @@ import micromae
 from micromae.errors import input_error
 from micromae.evaluate.metrics import contingency, evaluate_table, segmentation_scores
 from micromae.figures import save_figure
-from micromae.io import atomic_path
+from micromae.io import atomic_path, check_output
 from micromae.models.pretrained import encoder_fields
 from micromae.models.vit import ViTEncoder
 from micromae.runtime import eval_mode, say
@@ -483,18 +481,17 @@ def pretraining_figure(result: dict[str, Any]):
 
 def run_evaluate_pretraining(checkpoint: str | Path, image: Any, reference: Any, out_dir: str | Path,
                              settings: PretrainingEval | None = None, mask: Any = None, axes: str | None = None,
-                             normalize: str | None = None, device: str = "auto") -> dict[str, Any]:
+                             normalize: str | None = None, device: str = "auto",
+                             overwrite: bool = False) -> dict[str, Any]:
     """``micromae evaluate pretraining``: load, scale as in pre-training, score, write the report.
 
-    Writes ``pretraining.json``, ``pretraining.md`` and ``pretraining.png`` into ``out_dir`` (all or none).
+    Writes ``pretraining.json``, ``pretraining.md`` and ``pretraining.png`` into ``out_dir`` (all or none);
+    ``out_dir`` must not exist yet unless ``overwrite`` (then it is replaced whole).
     """
     from micromae.data.normalize import scale_intensity
     from micromae.segment.pipeline import encoder_on_device, open_input_volume, volume_range
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise input_error(f"--out '{out_dir}'", "a new or empty folder", "a folder with files in it",
-                          "Pick another --out, or remove the old report")
+    out_dir = check_output(out_dir, overwrite=overwrite, what="--out", folder=True)
     s = settings or PretrainingEval()
     img = np.asarray(open_input_volume(image, axes)[...])  # (Z, Y, X); a 2-D image is one plane
     ref = np.asarray(open_input_volume(reference)[...])
@@ -513,18 +510,11 @@ def run_evaluate_pretraining(checkpoint: str | Path, image: Any, reference: Any,
     result["source"] = {"checkpoint": str(checkpoint), "sha256": sha, "image": str(image),
                         "reference": str(reference), "intensity_range": [float(lo), float(hi)],
                         "normalize": normalize or config.get("data", {}).get("normalize", "dtype")}
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        (staging / "pretraining.json").write_text(json.dumps(result, indent=1, default=_json_default))
-        (staging / "pretraining.md").write_text(pretraining_markdown(result))
-        save_figure(pretraining_figure(result), staging / "pretraining.png")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "pretraining.json").write_text(json.dumps(result, indent=1, default=_json_default))
+        (tmp / "pretraining.md").write_text(pretraining_markdown(result))
+        save_figure(pretraining_figure(result), tmp / "pretraining.png")
     say(f"wrote {out_dir / 'pretraining.md'} (gain over random init: "
         + ", ".join(f"{_label(k)} {v:+.3f}" for k, v in result["gain"].items()) + ")")
     return result
