@@ -49,3 +49,11 @@ def test_islet_figure_writes_both_panels(tmp_path):
         assert sum(info[name]["cluster_fraction"]) == pytest.approx(1.0, abs=1e-3)
         means = [m for m in info[name]["cluster_mean_intensity"] if m is not None]
         assert means == sorted(means)  # clusters relabelled darkest first
+
+
+def test_gpu_script_runs_on_cpu_and_writes_one_json(tmp_path):
+    """The prepared GPU check (benchmarks/gpu_maester.py) is tested here on CPU with --quick."""
+    run("gpu_maester.py", "--out", str(tmp_path))
+    info = json.loads((tmp_path / "gpu_maester.json").read_text())
+    assert info["steps"] == 6 and info["crops_per_s"] > 0
+    assert set(info["gain"]) == {"kmeans_k3", "probe"} and len(info["random_spread"]["probe"]) == 2

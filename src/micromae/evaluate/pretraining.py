@@ -142,7 +142,7 @@ def encoder_features(encoder: nn.Module, central_tokens: int | None = None, batc
     def features(plane: np.ndarray) -> np.ndarray:
         with eval_mode(encoder):
             emb = embed_pixels(encoder, plane, central_tokens=central_tokens, mode="exact", batch_size=batch_size)
-        return emb.permute(1, 2, 0).contiguous().numpy()
+        return emb.permute(1, 2, 0).float().cpu().contiguous().numpy()
 
     return features
 
