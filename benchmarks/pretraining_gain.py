@@ -68,6 +68,28 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per scored checkpoint: run, step, training minutes, the checkpoint's scores and its gains."""
+    keys = list(rows[0]["gain"])
+    head = ("| run | step | train min | " + " | ".join(f"{k} (gain)" for k in keys) + " |\n|---|---|---|"
+            + "---|" * len(keys))
+    lines, seen = [head], set()
+    for r in rows:
+        if (r["run"], r["step"]) in seen:  # last.pt of a finished run = its final step file
+            continue
+        seen.add((r["run"], r["step"]))
+        t = r.get("train_wall_s_at_step")
+        cells = " | ".join(f"{r['pretrained'][k]:.3f} ({r['gain'][k]:+.3f})" for k in keys)
+        lines.append(f"| {r['run']} | {r['step']} | {t / 60:.1f} | {cells} |" if t is not None else
+                     f"| {r['run']} | {r['step']} | - | {cells} |")
+    ctrl = rows[0]
+    lines.append("| random-init mean (sd) | 0 | 0 | " + " | ".join(
+        f"{ctrl['random_mean'][k]:.3f} ({ctrl['random_std'][k]:.3f})" for k in keys) + " |")
+    if ctrl.get("handmade"):
+        lines.append("| hand-made features | - | - | " + " | ".join(f"{ctrl['handmade'][k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", default=[], help="run folders: score every checkpoint in them")
@@ -83,7 +105,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", type=Path, default=OUT_DIR / "pretraining_gain")
     ap.add_argument("--last-only", action="store_true", help="score only last.pt of each run")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny volume and model")
+    ap.add_argument("--table", type=Path, help="print the Markdown table of this pretraining_gain.jsonl and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
+        print(markdown(rows))
+        return rows
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
