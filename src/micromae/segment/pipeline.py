@@ -7,7 +7,7 @@ stream the volume, writing labels to Zarr. The CLI and the demo call these.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -89,12 +89,14 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                 centres: str | Path | None = None, sweep: Sequence[int] = (), settings: SegmentSettings | None = None,
                 n_samples: int = 200_000, seed: int = 0, mask_path: Any = None, pca_dim: int = 0,
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
-                overwrite: bool = False, save_sample: bool = True) -> Path:
+                overwrite: bool = False, save_sample: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> Path:
     """``micromae segment``: label every voxel of ``input_path`` by k-means on exact pixel embeddings.
 
     The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
     ``features_pca``, and ``sample/features`` + ``sample/coords`` (the pixels k-means was fitted on, for the
     UMAP figure of ``micromae evaluate segmentation``); ``centres_k<K>.npz`` files are written beside it.
+    ``on_progress(planes_done, planes_total)``: see :func:`~micromae.segment.volume.segment_volume`.
     """
     settings = settings or SegmentSettings()
     output = Path(output)
@@ -123,7 +125,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     clusters = {"labels": main, **{f"labels_k{kk}": m for kk, m in models.items() if kk != main.k}}
     pca = fit_pca(sample, pca_dim, seed) if (pca_dim and sample is not None) else None
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
-                         overwrite=overwrite, metadata={"checkpoint_sha256": sha, "k": main.k,
+                         overwrite=overwrite, on_progress=on_progress, metadata={"checkpoint_sha256": sha, "k": main.k,
                                                         "input": str(input_path) if not isinstance(
                                                             input_path, np.ndarray) else "<array>"})
     for kk, m in models.items():
