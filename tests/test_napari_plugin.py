@@ -309,7 +309,7 @@ def test_pretrain_widget_shows_the_loss_writes_a_run_and_cancels(make_napari_vie
     from micromae.napari.widgets import PretrainWidget
 
     viewer = make_napari_viewer()
-    viewer.add_image(make_em_volume(shape=(4, 96, 96), seed=1).image[0], name="slice")
+    viewer.add_image(make_em_volume(shape=(8, 96, 96), seed=1).image[0], name="slice")
     widget = PretrainWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.reset_choices()

@@ -225,6 +225,15 @@ def pretrain_presets() -> list[str]:
     return [p for p in list_presets() if p.startswith("maester_")]
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` unless it already holds a run (a pre-training never overwrites one)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise input_error("run folder", "a new or empty folder", f"'{run_dir}' holds a run",
+                          "Choose another run folder")
+    return run_dir
+
+
 def pretrain_image(report: Report, image: Any, run_dir: str | Path, preset: str = "maester_tiny",
                    steps: int = 100, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Pre-train ``preset`` for ``steps`` on an image (Y, X) or volume (Z, Y, X); ``report(step, steps,
@@ -235,22 +244,19 @@ def pretrain_image(report: Report, image: Any, run_dir: str | Path, preset: str 
     if arr.ndim not in (2, 3):
         raise input_error("Image layer", "a 2-D image or a 3-D volume", f"shape {arr.shape}",
                           "Pick a one-channel layer")
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise input_error("run folder", "a new or empty folder", f"'{run_dir}' holds a run",
-                          "Choose another run folder")
+    run_dir = check_run_dir(run_dir)
     if steps < 1:
         raise input_error("steps", "at least 1", str(steps), "Raise the number of steps")
-    volume = arr[None] if arr.ndim == 2 else arr
+    axes = "YX" if arr.ndim == 2 else "ZYX"
     data_path = run_dir / "data" / "image.tif"
     cfg = load_config(resolve_config(preset), PretrainConfig, [f"train.steps={steps}", *overrides])
-    planes = "[YX]" if volume.shape[0] < cfg.model.img_size else "[YX,ZX,ZY]"
-    cfg = apply_overrides(cfg, ["data.source=files", f"data.paths=[{data_path}]", "data.axes=ZYX",
+    planes = "[YX]" if arr.ndim == 2 or arr.shape[0] < cfg.model.img_size else "[YX,ZX,ZY]"
+    cfg = apply_overrides(cfg, ["data.source=files", f"data.paths=[{data_path}]", f"data.axes={axes}",
                                 f"data.planes={planes}", "train.log_every=1"])
     check_pretrain_config(cfg)
     data_path.parent.mkdir(parents=True, exist_ok=True)
     if not data_path.exists():
-        write_array(data_path, volume, axes="ZYX")
+        write_array(data_path, arr, axes=axes)
     losses: list[float] = []
 
     def build(ctx):

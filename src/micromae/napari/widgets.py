@@ -85,7 +85,7 @@ class JobWidget(Container):
         self.busy = True
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.progress.max, self.progress.value = 0, 0  # indeterminate until the job reports a total
-        self.worker = create_worker(jobs.stepped, job, self._cancel)
+        self.worker = create_worker(jobs.stepped, job, self._cancel, _ignore_errors=True)  # errors: _on_errored
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_returned)
         self.worker.errored.connect(self._on_errored)
@@ -128,6 +128,11 @@ class JobWidget(Container):
             self.progress.max = 1
         if self.error is None:
             self.progress.value = self.progress.max
+
+
+def _rows(rows: list[list[Any]], columns: list[str]) -> dict[str, Any]:
+    """A magicgui Table value of ``rows`` under ``columns``."""
+    return {"data": rows, "index": list(range(len(rows))), "columns": columns}
 
 
 def _path_or_none(text: str) -> Path | None:
@@ -208,7 +213,7 @@ class NameClustersWidget(JobWidget):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(viewer)
         self.labels = create_widget(annotation=napari.layers.Labels, label="clusters")
-        self.table = Table(value={"data": [], "columns": ["cluster", "class"]})
+        self.table = Table(value=[], columns=["cluster", "class"])
         self.labels.changed.connect(self.fill)
         self.add_controls(self.labels, self.table)
         self.fill()
@@ -217,11 +222,11 @@ class NameClustersWidget(JobWidget):
         """One row per cluster of the chosen layer, with the names saved before."""
         layer = self.labels.value
         if layer is None:
-            self.table.value = {"data": [], "columns": ["cluster", "class"]}
+            self.table.value = _rows([], ["cluster", "class"])
             return
         k = int(layer.metadata.get("k") or int(np.asarray(layer.data).max()) + 1)
         known = {int(c): n for c, n in (layer.metadata.get("cluster_names") or {}).items()}
-        self.table.value = {"data": [[i, known.get(i, "")] for i in range(k)], "columns": ["cluster", "class"]}
+        self.table.value = _rows([[i, known.get(i, "")] for i in range(k)], ["cluster", "class"])
 
     def names(self) -> dict[int, str]:
         """Cluster id → class name as typed in the table."""
@@ -287,6 +292,7 @@ class PretrainWidget(JobWidget):
         run_dir = _path_or_none(self.run_dir.value)
         if run_dir is None:
             raise input_error("run folder", "a folder to write the run to", "nothing", "Type a folder name")
+        jobs.check_run_dir(run_dir)
         data, preset, steps = np.asarray(layer.data), self.preset.value, int(self.steps.value)
         self.losses: list[float] = []
         return lambda report: jobs.pretrain_image(report, data, run_dir, preset=preset, steps=steps)
@@ -313,7 +319,7 @@ class EvaluateWidget(JobWidget):
         self.prediction = create_widget(annotation=napari.layers.Labels, label="segmentation")
         self.reference = create_widget(annotation=napari.layers.Labels, label="reference")
         self.mapping = ComboBox(label="mapping", choices=["hungarian", "majority"], value="hungarian")
-        self.table = Table(value={"data": [], "columns": ["class", "Dice"]})
+        self.table = Table(value=[], columns=["class", "Dice"])
         self.add_controls(self.prediction, self.reference, self.mapping, self.table)
 
     @staticmethod
@@ -343,7 +349,6 @@ class EvaluateWidget(JobWidget):
 
     def finish(self, result: dict[str, Any]) -> None:
         rows = jobs.dice_rows(result["result"], result["mapping"])
-        self.table.value = {"data": [[n, None if d is None else round(d, 4)] for n, d in rows],
-                            "columns": ["class", "Dice"]}
+        self.table.value = _rows([[n, None if d is None else round(d, 4)] for n, d in rows], ["class", "Dice"])
         mean = result["result"][result["mapping"]]["scores"]["mean_dice"]
         self.say(f"mean Dice {mean:.3f} ({result['mapping']})" if mean is not None else "no reference class")
