@@ -90,7 +90,7 @@ def _image(group: zarr.Group, path: Path) -> Any:
         src = Path(source)
     try:
         vol = open_volume(src)
-    except Exception as exc:  # noqa: BLE001 - any reader error: the labels are still worth showing
+    except Exception as exc:  # any reader error: the labels are still worth showing without the image
         say(f"micromae reader: not showing the image ({exc})")
         return None
     return vol.read()[None] if vol.axes == "YX" else vol.read() if vol.axes == "ZYX" else None
