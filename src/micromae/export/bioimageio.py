@@ -29,7 +29,6 @@ authors, citations and a license, and is written atomically (a temporary zip ren
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import shutil
 import tempfile
@@ -109,7 +108,7 @@ def _common(v, info: PackageInfo, work: Path, doc: str, cover: Path, cites: Sequ
     )
 
 
-def _write(v, descr, output: Path, overwrite: bool) -> Path:
+def _write(descr: Any, output: Path) -> Path:
     """Package ``descr`` into ``output`` (a .zip), atomically; raise if it does not validate."""
     from bioimageio.spec import save_bioimageio_package
 
@@ -252,7 +251,7 @@ def export_segmenter(checkpoint: str | Path, centres: str | Path | None, sample:
             pytorch_version=v.Version(_torch_version()), dependencies=_environment(v, work)))
         descr = v.ModelDescr(inputs=[raw], outputs=[out_labels, out_feats], weights=weights,
                              **_common(v, info, work, doc, cover, (MAESTER_CITE, MAE_CITE)))
-        out = _write(v, descr, output, overwrite)
+        out = _write(descr, output)
     say(f"wrote the bioimage.io package {out} (MAESTER segmenter, k = {model_centres.k})")
     return out
 
@@ -365,7 +364,7 @@ def export_classifier(checkpoint: str | Path, sample: str | Path, output: str | 
                                     normalize=cfg.data.normalize)
         descr = v.ModelDescr(inputs=[crops_in], outputs=[probs_out], weights=weights,
                              **_common(v, info, work, doc, cover, (MAE_CITE,)))
-        out = _write(v, descr, output, overwrite)
+        out = _write(descr, output)
     say(f"wrote the bioimage.io package {out} (cell classifier, {len(classes)} classes)")
     return out
 
@@ -408,12 +407,3 @@ Run it: `bioimageio predict model.zip --inputs crops.npy`, or `bioimageio.core.p
 torchscript weights need only PyTorch, the state-dict weights import micromae (environment.yaml).
 """
 
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """A few facts of a package (name, inputs, outputs, weight formats) read back with bioimageio.spec."""
-    from bioimageio.spec import load_description
-
-    descr = load_description(str(path), perform_io_checks=False)
-    return {"name": descr.name, "inputs": [str(t.id) for t in descr.inputs],
-            "outputs": [str(t.id) for t in descr.outputs],
-            "weights": [k for k, w in descr.weights if w is not None], "json": json.loads(descr.model_dump_json())}
