@@ -2,7 +2,7 @@
 
 A 150-step pre-training of ``maester_tiny`` on the synthetic EM volume (the plugin's sample data), then the
 Segment widget on an 8-slice volume (k = 6) and the clusters named in the Name clusters widget, in a real
-viewer. About 4 minutes on 2 CPU cores. Needs the napari extra and a display (``xvfb-run -a python ...``).
+viewer. About 3 minutes on 2 idle CPU cores (12 on a loaded one). Needs the napari extra and a display (``xvfb-run -a python ...``).
 """
 
 from __future__ import annotations
