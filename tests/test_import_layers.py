@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("micromae.train",),
     ("micromae.segment",),
     ("micromae.evaluate",),
-    ("micromae.cli", "micromae.cli_", "micromae.demo", "micromae.__main__"),
+    # the CLI, the demo, and the plugin and export packages, which use every layer below
+    ("micromae.cli", "micromae.cli_", "micromae.demo", "micromae.__main__", "micromae.napari", "micromae.export"),
 )
 
 PACKAGE_ROOT = Path(micromae.__file__).parent
@@ -104,6 +105,7 @@ def test_layers_cover_every_module():
 def test_relative_and_local_imports_are_seen(tmp_path):
     assert layer_of("micromae.cli_segment") == layer_of("micromae.cli") == len(LAYERS) - 1
     assert layer_of("micromae.train.log") == 6 and layer_of("micromae.errors") == 0
+    assert layer_of("micromae.napari.widgets") == layer_of("micromae.export.bioimageio") == len(LAYERS) - 1
     found = imports_of(PACKAGE_ROOT / "cli.py")
     assert any(target == "micromae.cli_segment" for _, target, _ in found)
     assert any(target.startswith("micromae.segment") for _, target, _ in imports_of(PACKAGE_ROOT / "cli_segment.py"))

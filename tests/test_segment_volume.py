@@ -201,3 +201,27 @@ def test_cli_errors(tiny_run, capsys):
     assert cli_main(["segment", "--checkpoint", str(ckpt), "--input", str(rgb), "--output",
                      str(tiny_run / "c.zarr"), "--device", "cpu"]) == 2
     assert "single-channel" in capsys.readouterr().err
+
+
+def test_on_progress_counts_planes_and_an_exception_in_it_stops_leaving_the_partial(tmp_path, encoder, vol):
+    models = {"labels": _models(encoder, vol.image)["labels"]}
+    seen = []
+    segment_volume(encoder, vol.image, tmp_path / "p.zarr", models, RANGE, progress=False,
+                   on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i + 1, vol.image.shape[0]) for i in range(vol.image.shape[0])]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_three(done, total):
+        if done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        segment_volume(encoder, vol.image, tmp_path / "q.zarr", models, RANGE, progress=False,
+                       on_progress=stop_at_three)
+    assert not (tmp_path / "q.zarr").exists() and (tmp_path / "q.zarr.partial").exists()
+    resumed = []
+    segment_volume(encoder, vol.image, tmp_path / "q.zarr", models, RANGE, progress=False,
+                   on_progress=lambda done, total: resumed.append(done))
+    assert resumed[0] == 4 and resumed[-1] == vol.image.shape[0]  # the 3 finished planes are counted, not redone

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from micromae import cli_classify, cli_instances, cli_segment
+from micromae import cli_classify, cli_export, cli_instances, cli_segment
 from micromae.config import FINETUNE_TASKS, PretrainConfig, finetune_task, list_presets, resolve_config
 from micromae.config_tasks import TASK_CONFIGS as FINETUNE_CONFIGS
 from micromae.errors import MicromaeInputError, at_least, input_error, os_error_message
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", type=int, default=1, choices=(1, 2), help="DAMA branch (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output and its .json")
     p.set_defaults(func=cmd_export_encoder)
+    cli_export.register(sub)
 
     p = sub.add_parser("config-keys", help="every config key with its default",
                        description="Every dotted key a config of TASK accepts, with its default.")

@@ -7,7 +7,7 @@ stream the volume, writing labels to Zarr. The CLI and the demo call these.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,7 +168,8 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                 centres: str | Path | None = None, sweep: Sequence[int] = (), settings: SegmentSettings | None = None,
                 n_samples: int = 200_000, seed: int = 0, mask_path: Any = None, pca_dim: int = 0,
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
-                overwrite: bool = False, save_sample: bool = True) -> Path:
+                overwrite: bool = False, save_sample: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> Path:
     """``micromae segment``: label every voxel of ``input_path`` by k-means on exact pixel embeddings.
 
     The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
@@ -178,6 +179,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     (output, options, checkpoint against the data, k against the pixels a sample can hold, free disk space);
     the work goes to ``<output>.partial``, renamed to ``output`` only once labels, centres, sample and
     metadata are all written, so ``output`` is either absent or complete.
+    ``on_progress(planes_done, planes_total)``: see :func:`~micromae.segment.volume.segment_volume`.
     """
     settings = settings or SegmentSettings()
     check_settings(settings)
@@ -238,7 +240,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
             sub.create_array("coords", data=sample.coords, overwrite=True)
 
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
-                         overwrite=overwrite, finish=finish,
+                         overwrite=overwrite, finish=finish, on_progress=on_progress,
                          metadata={"checkpoint_sha256": sha, "k": main.k,
                                    "input": str(input_path) if not isinstance(input_path, np.ndarray) else "<array>"})
     say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''})")

@@ -85,7 +85,8 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                    intensity_range: tuple[float, float], settings: SegmentSettings | None = None,
                    pca: tuple[np.ndarray, np.ndarray] | None = None, resume: bool = True, overwrite: bool = False,
                    progress: bool = True, metadata: dict[str, Any] | None = None,
-                   finish: Callable[[zarr.Group], None] | None = None) -> Path:
+                   finish: Callable[[zarr.Group], None] | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Label every voxel of ``volume`` (Z, Y, X) and write the Zarr group ``out_path``.
 
     clusters: output array name → cluster model, e.g. ``{"labels": k6, "labels_k4": k4}``.
@@ -93,6 +94,9 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
     finish: called with the finished ``<out>.partial`` group (metadata written) just before it is renamed to
     ``out_path``, to add what else belongs to the output; the rename comes last, so ``out_path`` never
     holds a half-written result.
+    on_progress: called as ``on_progress(planes_done, planes_total)`` after each finished plane (all slicing
+    axes counted, planes done by an interrupted run included); an exception it raises stops the run, leaving
+    ``<out>.partial`` to resume from (how the napari widget cancels).
     """
     settings = settings or SegmentSettings()
     out_path = Path(out_path)
@@ -123,7 +127,15 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                 group.create_array(arr, shape=(pca[1].shape[0], *shape), dtype="float16",
                                    chunks=(pca[1].shape[0], *_chunks(shape, a, tile)), fill_value=0)
         group.attrs.update({"settings_key": key, "done": {}, "micromae_version": micromae.__version__})
-    plan = AxisPass(clusters, intensity_range, settings, pca, tile, fused, progress)
+    total = sum(shape[a] for a in axes)
+    finished = [sum(len(group.attrs.get("done", {}).get(str(a), [])) for a in axes)]
+
+    def plane_done() -> None:
+        finished[0] += 1
+        if on_progress is not None:
+            on_progress(finished[0], total)
+
+    plan = AxisPass(clusters, intensity_range, settings, pca, tile, fused, progress, plane_done)
     for a in axes:
         _run_axis(encoder, volume, group, a, plan)
     if fused:
@@ -151,7 +163,8 @@ class AxisPass:
 
     ``clusters``: output array name → cluster model; ``intensity_range``: ``(lo, hi)`` mapped to [0, 1];
     ``pca``: optional ``(mean (D,), components (d, D))``; ``tile``: in-plane tile side in pixels; ``fused``:
-    write per-axis squared distances (tri-planar) instead of labels; ``progress``: show a progress bar.
+    write per-axis squared distances (tri-planar) instead of labels; ``progress``: show a progress bar;
+    ``plane_done``: called after each finished plane.
     """
 
     clusters: dict[str, ClusterModel]
@@ -161,6 +174,7 @@ class AxisPass:
     tile: int
     fused: bool
     progress: bool
+    plane_done: Callable[[], None] | None = None
 
 
 def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, plan: AxisPass) -> None:
@@ -203,6 +217,8 @@ def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, pla
         all_done = dict(group.attrs.get("done", {}))
         all_done[str(axis)] = sorted(done)
         group.attrs["done"] = all_done
+        if plan.plane_done is not None:
+            plan.plane_done()
 
 
 def _project(flat: torch.Tensor, pca: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
