@@ -104,7 +104,7 @@ def test_constant_padding_only_in_the_pad_margin():
         padded_crops += outside.any()
     assert padded_crops > 20
     shifted = volume.astype(np.float32) - 20000  # minmax range straddles 0: padding must still scale to 0
-    same_draws = PlaneCropSampler([shifted], fov=fov, pad=pad, normalize="minmax", **NO_AUG, seed=2)
+    same_draws = PlaneCropSampler([shifted], fov=fov, pad=pad, **{**NO_AUG, "normalize": "minmax"}, seed=2)
     darkest = (raw == 0) | (raw == 1)  # padding, and voxel (0, 0, 0) which is the volume's minimum
     assert torch.equal(same_draws.sample_batch(0, 300) == 0, torch.from_numpy(darkest)[:, None])
 
@@ -249,12 +249,14 @@ def test_memmap_and_zarr_give_the_same_crops_reading_only_crops(tmp_path):
 
 def test_intensity_range_modes():
     rng = np.random.default_rng(0)
-    assert intensity_range(random_volume()) == (0.0, 255.0)
-    assert intensity_range(np.array([[0, 1]], np.uint16)) == (0.0, 65535.0)
-    assert intensity_range(np.array([[-1, 5]], np.int16)) == (-32768.0, 32767.0)
+    assert intensity_range(random_volume()) == (0.0, 255.0)  # auto: 8-bit -> dtype
+    # dtype on purpose (min_contrast=0: these tiny arrays would be refused as too faint for it)
+    assert intensity_range(np.array([[0, 1]], np.uint16), "dtype", min_contrast=0) == (0.0, 65535.0)
+    assert intensity_range(np.array([[-1, 5]], np.int16), "dtype", min_contrast=0) == (-32768.0, 32767.0)
     floats = rng.normal(size=(10, 10, 10)).astype(np.float32)
     exact = (float(floats.min()), float(floats.max()))
-    assert intensity_range(floats) == exact == intensity_range(floats, "minmax")  # float: dtype -> minmax
+    assert intensity_range(floats, "dtype") == exact == intensity_range(floats, "minmax")  # float: dtype -> minmax
+    assert intensity_range(floats) == tuple(np.percentile(floats, [0.5, 99.5]))  # auto: float -> percentile
     lo, hi = intensity_range(floats, "percentile", percentiles=(1, 99))
     assert np.allclose([lo, hi], np.percentile(floats, [1, 99]))
     big = rng.integers(0, 1000, (40, 50, 60)).astype(np.uint16)

@@ -122,9 +122,9 @@ def intensity_range(volume: Any, mode: str = "auto", percentiles: tuple[float, f
                           "'percentile' for 16-bit or data with outliers")
     dtype = _check_dtype(volume, name)
     mode = resolve_mode(mode, dtype)
-    lo, hi = _range(volume, mode, dtype, percentiles, max_samples, seed, name)
+    lo, hi, values = _range(volume, mode, dtype, percentiles, max_samples, seed, name)
     if min_contrast > 0:
-        check_contrast(volume, lo, hi, mode, min_contrast, max_samples, seed, name)
+        check_contrast(volume, lo, hi, mode, min_contrast, max_samples, seed, name, values=values)
     return lo, hi
 
 
@@ -137,10 +137,13 @@ def resolve_mode(mode: str, dtype: Any) -> str:
 
 
 def check_contrast(volume: Any, lo: float, hi: float, mode: str, min_contrast: float = MIN_CONTRAST,
-                   max_samples: int = 1_000_000, seed: int = 0, name: str = "volume") -> float:
+                   max_samples: int = 1_000_000, seed: int = 0, name: str = "volume",
+                   values: np.ndarray | None = None) -> float:
     """The fraction of [0, 1] that the central 99 % of ``volume``'s voxels span once ``(lo, hi)`` maps to [0, 1];
-    MicromaeInputError below ``min_contrast`` (a faint image that scaling would flatten), naming the fix."""
-    values, _ = sample_voxels(volume, max_samples, seed)
+    MicromaeInputError below ``min_contrast`` (a faint image that scaling would flatten), naming the fix.
+    ``values``: a subsample already read (else one is drawn)."""
+    if values is None:
+        values, _ = sample_voxels(volume, max_samples, seed)
     if values.size == 0 or values.min() == values.max():
         return 0.0  # constant: the callers' constant-volume checks say so more plainly
     q_lo, q_hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
@@ -159,12 +162,13 @@ def check_contrast(volume: Any, lo: float, hi: float, mode: str, min_contrast: f
 
 
 def _range(volume: Any, mode: str, dtype: np.dtype, percentiles: tuple[float, float], max_samples: int, seed: int,
-           name: str) -> tuple[float, float]:
+           name: str) -> tuple[float, float, np.ndarray | None]:
+    """(lo, hi, the subsample read or None)."""
     if mode == "dtype" and dtype.kind == "b":
-        return 0.0, 1.0
+        return 0.0, 1.0, None
     if mode == "dtype" and dtype.kind in "iu":
         info = np.iinfo(dtype)
-        return float(info.min), float(info.max)
+        return float(info.min), float(info.max), None
     low, high = check_percentiles(percentiles)
     values, complete = sample_voxels(volume, max_samples, seed)
     _check_finite(values, name)
@@ -178,7 +182,7 @@ def _range(volume: Any, mode: str, dtype: np.dtype, percentiles: tuple[float, fl
         fix = ("Drop this volume (it holds no image) or check that it was read correctly" if mode == "minmax"
                else "Most sampled voxels share one value: use normalize='minmax' or wider percentiles")
         raise input_error(f"{name}: intensity range ({mode})", "hi > lo", f"lo = hi = {lo:g}", fix)
-    return lo, hi
+    return lo, hi, values
 
 
 def check_percentiles(percentiles: Sequence[float], example: Sequence[float] = (0.5, 99.5)) -> tuple[float, float]:
