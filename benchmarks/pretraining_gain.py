@@ -32,7 +32,7 @@ import numpy as np
 from micromae.config import PretrainConfig, apply_overrides, load_config, resolve_config
 from micromae.data.synthetic_em import CLASS_NAMES, make_em_volume
 from micromae.evaluate.pretraining import PretrainingEval, evaluate_pretraining
-from micromae.models.pretrained import load_encoder
+from micromae.models.pretrained import load_checkpoint, load_encoder
 from micromae.train.pretrain import run_pretrain
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -50,9 +50,7 @@ def checkpoints_of(run: Path) -> list[Path]:
 
 def step_and_time(ckpt: Path) -> tuple[int | None, float | None]:
     """(optimiser step, the run's wall seconds up to it) from the checkpoint and the run's log.jsonl."""
-    import torch
-
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("step", -1))
+    step = int(load_checkpoint(ckpt).get("step", -1))
     logf = ckpt.parent.parent / "log.jsonl"
     t = None
     if logf.is_file():

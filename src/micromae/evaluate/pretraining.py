@@ -333,9 +333,8 @@ def evaluate_pretraining(encoder: nn.Module, image: np.ndarray, reference: np.nd
     planes = select_planes(ref, s.planes, s.ignore)
     ref_planes = [np.asarray(ref[z]).astype(np.int64) for z in planes]
     mask_planes = None if msk is None else [np.asarray(msk[z]) for z in planes]
-    n_cls = int(max(int(r.max()) for r in ref_planes)) + 1
-    if s.ignore is not None and s.ignore >= n_cls - 1 and s.ignore > 0:  # e.g. 255 = unlabelled
-        n_cls = int(max(int(r[r != s.ignore].max(initial=0)) for r in ref_planes)) + 1
+    # classes 0..largest label; the ignore value (e.g. 255 = unlabelled) is not a class
+    n_cls = 1 + max(int((r if s.ignore is None else r[r != s.ignore]).max(initial=0)) for r in ref_planes)
     names = list(s.class_names) if s.class_names else [f"class {i}" for i in range(n_cls)]
     if len(names) < n_cls:
         raise input_error("class names", f"at least {n_cls} names (the reference's classes)", str(len(names)),
