@@ -12,7 +12,10 @@ from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.figures import plot_loss_curves
+from micromae.data.views import FluorescenceViews
 from micromae.models import MaskedAutoencoder
+from micromae.models.mocov3 import MoCoV3
+from micromae.models.simmim import SimMIM
 from micromae.runtime import say
 from micromae.train.dama_objectives import build_dama_comparison_objective
 from micromae.train.distributed import main_process_first
@@ -20,6 +23,7 @@ from micromae.train.engine import Objective, TrainResult
 from micromae.train.log import read_log
 from micromae.train.objectives import MAEObjective
 from micromae.train.run import RunContext, RunPlan, run_training
+from micromae.train.ssl_objectives import MoCoV3Objective, SimMIMObjective
 
 IMAGE_SOURCES = ("images", "synthetic_mif")
 
@@ -30,11 +34,19 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoder:
 
 
 def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
-    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches) or
-    data2vec."""
+    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches),
+    data2vec, SimMIM or MoCo v3 (these two train ``model``'s encoder only; ``model.decoder_*`` are unused)."""
     dama = to_dict(cfg.dama)
     if cfg.objective == "mae":
         return MAEObjective(model)
+    if cfg.objective == "simmim":
+        return SimMIMObjective(SimMIM(model.encoder, mask_ratio=cfg.model.mask_ratio))
+    if cfg.objective == "mocov3":
+        m = cfg.mocov3
+        views = FluorescenceViews(crop_scale=(m.crop_min_scale, 1.0), gain=tuple(m.gain), blur_p=m.blur_p,
+                                  blur_sigma=m.blur_sigma, noise=m.noise)
+        return MoCoV3Objective(MoCoV3(model.encoder, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature),
+                               cfg.train.steps, ema_momentum=m.ema_momentum, views=views)
     if cfg.objective == "data2vec":
         return build_dama_comparison_objective("data2vec", model, cfg.train.steps, K=cfg.dama.K,
                                                beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum)
