@@ -107,6 +107,8 @@ class DamaConfig:
     stop_grad_target: bool | None = None  # None: true for ema, false for two students
     ema_momentum: float = 0.996  # cosine-scheduled to 1 over the run
     emulate_public_code: bool = False  # reproduce the batch-wide masking bug (ablation only)
+    # objective=data2vec: each block's output normalised per token (layer, DAMA's target) or over tokens
+    data2vec_target_norm: Literal["layer", "instance"] = "layer"
 
 
 @dataclass

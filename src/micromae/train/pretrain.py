@@ -49,8 +49,10 @@ def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
                                cfg.train.steps, ema_momentum=m.ema_momentum, views=views)
     if cfg.objective == "data2vec":
         return build_dama_comparison_objective("data2vec", model, cfg.train.steps, K=cfg.dama.K,
-                                               beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum)
+                                               beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum,
+                                               target_norm=cfg.dama.data2vec_target_norm)
     momentum = dama.pop("ema_momentum")
+    dama.pop("data2vec_target_norm")
     branch2 = build_model(cfg) if cfg.dama.config == "student1-student2" else None
     return build_dama_comparison_objective("dama", model, cfg.train.steps, ema_momentum=momentum,
                                            branch2=branch2, **dama)
