@@ -15,6 +15,7 @@ from micromae.figures import plot_loss_curves
 from micromae.data.views import FluorescenceViews
 from micromae.models import MaskedAutoencoder
 from micromae.models.mocov3 import MoCoV3
+from micromae.models.pretrained import normalization_record
 from micromae.models.simmim import SimMIM
 from micromae.runtime import say
 from micromae.train.dama_objectives import build_dama_comparison_objective
@@ -98,10 +99,13 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
 def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
     """The data stream (images or volume plane crops), the model and its objective, and the loss figure."""
     info, device, run_dir = ctx.info, ctx.device, ctx.run_dir
+    ranges = None
     if cfg.data.source in IMAGE_SOURCES:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the main process writes synthetic images once, the others wait and read them
         dataset = main_process_first(info, lambda: build_image_dataset(cfg, run_dir))
+        if cfg.data.normalize == "channel_stats":  # the folder's ranges, stored with the model
+            ranges = dataset.ranges(0, None)
 
         def open_stream(start: int):
             return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
@@ -123,7 +127,10 @@ def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
             plot_run_losses(run_dir)
         return result
 
-    return RunPlan(objective, open_stream, cfg, messages=[message], finish=finish)
+    # the input scaling travels with the model: load_encoder / input_normalization read it back
+    config_dict = {**to_dict(cfg), "normalization": normalization_record(cfg.data.normalize, cfg.data.percentiles,
+                                                                         ranges)}
+    return RunPlan(objective, open_stream, cfg, messages=[message], finish=finish, config_dict=config_dict)
 
 
 def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = None,
