@@ -157,7 +157,8 @@ def test_cli_scores_an_existing_results_file(tmp_path, capsys):
                  str(tmp_path / "gt.json"), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["bbox"]["mAP"] == pytest.approx(pycocotools_stats(gt, hand_made_detections(maps), "bbox")[0])
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "pr_curves.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "pr_curves.png",
+                                                 "error_analysis.png"}
     assert "box  mAP" in capsys.readouterr().out
     assert main(["evaluate", "instances", "--predictions", str(tmp_path / "missing.json"), "--coco",
                  str(tmp_path / "gt.json"), "--out", str(out)]) == 2

@@ -76,13 +76,14 @@ def test_every_preset_loads():
 
     presets = list_presets()
     assert {"maester_betaseg", "maester_tiny", "segmenter_tiny", "vitdec_betaseg", "dama_brain", "dama_tiny",
-            "classify_tiny", "classify_brain", "maskrcnn_tiny", "maskrcnn_brain"} <= set(presets)
+            "classify_tiny", "classify_brain", "maskrcnn_tiny", "maskrcnn_brain", "simmim_tiny",
+            "mocov3_tiny"} <= set(presets)
     loaders = {"segmentation": (load_seg_finetune_config, SegFinetuneConfig),
                "classification": (load_classify_config, ClassifyConfig),
                "instances": (load_maskrcnn_config, MaskRCNNConfig)}
     for name in presets:
         path = resolve_config(name)
-        if name.startswith(("maester", "dama")):
+        if name.startswith(("maester", "dama", "simmim", "mocov3")):
             assert isinstance(load_config(path), PretrainConfig)
         else:
             load, cls = loaders[finetune_task(path)]

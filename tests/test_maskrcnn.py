@@ -239,7 +239,8 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
                  str(run / "synthetic_mif" / "annotations.json"), "--out", str(out), "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"bbox", "segm"} and 0.0 <= metrics["segm"]["mAP"] <= 1.0
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "pr_curves.png", "predictions.json"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md", "pr_curves.png", "predictions.json",
+                                               "error_analysis.png"}
     assert "mask mAP" in capsys.readouterr().out
     assert main(["evaluate", "instances", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--coco",
                  str(tmp_path / "nope.json"), "--out", str(out)]) == 2

@@ -19,7 +19,7 @@ def cmd_evaluate_instances(args: argparse.Namespace) -> int:
         name = "box " if iou_type == "bbox" else "mask"
         print(f"{name} mAP {m['mAP']:.4f}  mAP@50 {m['mAP50']:.4f}  mAP@75 {m['mAP75']:.4f}  "
               f"({m['detections']} detections)")
-    print(f"wrote {args.out}/metrics.json, report.md, pr_curves.png"
+    print(f"wrote {args.out}/metrics.json, report.md, pr_curves.png, error_analysis.png"
           + (", predictions.json" if args.checkpoint else ""))
     return 0
 
@@ -29,8 +29,10 @@ def register(sub: argparse._SubParsersAction, evaluate: argparse._SubParsersActi
     q = evaluate.add_parser(
         "instances", help="COCO box and mask mAP of a Mask R-CNN run (pycocotools)",
         description="Predict the images of a COCO file with a fine-tuned Mask R-CNN checkpoint (or score an "
-                    "existing COCO results file) and write metrics.json (box and mask mAP, mAP@50, mAP@75 and "
-                    "the rest of COCOeval's stats), report.md, pr_curves.png and predictions.json to --out.")
+                    "existing COCO results file) and write metrics.json (box and mask mAP, mAP@50, mAP@75, "
+                    "the rest of COCOeval's stats and the COCO error analysis of the masks: C75, C50, Loc, Sim, "
+                    "Oth, BG, FN curves and their areas), report.md, pr_curves.png, error_analysis.png and "
+                    "predictions.json to --out.")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="Mask R-CNN checkpoint, e.g. runs/maskrcnn_tiny/checkpoints/last.pt")
     source.add_argument("--predictions", help="COCO results JSON to score instead of predicting")

@@ -107,6 +107,23 @@ class DamaConfig:
     stop_grad_target: bool | None = None  # None: true for ema, false for two students
     ema_momentum: float = 0.996  # cosine-scheduled to 1 over the run
     emulate_public_code: bool = False  # reproduce the batch-wide masking bug (ablation only)
+    # objective=data2vec: each block's output normalised per token (layer, DAMA's target) or over tokens
+    data2vec_target_norm: Literal["layer", "instance"] = "layer"
+
+
+@dataclass
+class MocoConfig:
+    """MoCo v3's heads, loss and views (objective=mocov3; the encoder is ``model.*``)."""
+
+    dim: int = 256  # projector / predictor output width
+    mlp_dim: int = 4096  # their hidden width
+    temperature: float = 0.2
+    ema_momentum: float = 0.99  # of the momentum encoder, cosine-scheduled to 1 over the run
+    crop_min_scale: float = 0.3  # smallest area fraction of a view's random resized crop
+    gain: list[float] = field(default_factory=lambda: [0.7, 1.3])  # intensity factor per image (all channels)
+    blur_p: float = 0.5
+    blur_sigma: float = 1.0  # largest Gaussian-blur sigma, pixels
+    noise: float = 0.03  # largest additive Gaussian-noise std
 
 
 @dataclass
@@ -138,11 +155,12 @@ class PretrainConfig:
     """One pre-training run."""
 
     name: str = "maester"
-    objective: Literal["mae", "dama", "data2vec"] = "mae"
+    objective: Literal["mae", "dama", "data2vec", "simmim", "mocov3"] = "mae"  # simmim: model.mask_ratio
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dama: DamaConfig = field(default_factory=DamaConfig)
+    mocov3: MocoConfig = field(default_factory=MocoConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,8 @@ class MultiChannelImageFolder(Dataset):
     ``transform``: applied to the scaled tensor; one with ``accepts_rng`` (e.g.
     :class:`~micromae.data.augment.DamaAugment`) gets the item's generator from :meth:`get`, and its
     ``min_input_size`` is checked for every file here.
+    ``ranges``: with ``channel_stats``, the ``(2, C)`` per-channel ranges to use (e.g. the pre-training's,
+    stored with the encoder) instead of the folder's own; checked against the channel count.
     ``channels``: names or indices of the channels to keep (None: all). ``classes``: class folder names in
     label order (None: sorted sub-folders; empty ones count). Channel names come from the first file's
     OME / ImageJ metadata, else ``channels.json`` in ``root`` or its parent, else ``channel_<i>``.
@@ -133,10 +136,11 @@ class MultiChannelImageFolder(Dataset):
     def __init__(self, root: str | Path, axes: str | None = None, size: int | None = None,
                  transform: Callable | None = None, channels: Sequence[str | int] | None = None,
                  classes: Sequence[str] | None = None, normalize: str = "dtype",
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, ranges: Any = None) -> None:
         self.normalize, self.percentiles = normalize, check_normalize(normalize, percentiles)
         self._ranges: dict[int, np.ndarray] = {}  # per-file (lo, hi) of the selected channels, computed once
-        self.dataset_ranges: np.ndarray | None = None  # channel_stats: one (lo, hi) for the folder
+        # channel_stats: one (lo, hi) for the folder; ``ranges`` (2, C) given (a pre-training's) or computed
+        self.dataset_ranges: np.ndarray | None = None if ranges is None else np.asarray(ranges, dtype=np.float32)
         self.root = Path(root)
         self.files, self.labels, self.classes = _find_files(self.root, classes)
         info = [file_axes(f, axes) for f in self.files]
@@ -151,6 +155,10 @@ class MultiChannelImageFolder(Dataset):
         names = read_channel_names(self.files[0], counts[0]) or _channels_json(self.root, counts[0])
         self.all_channel_names = names or [f"channel_{i}" for i in range(counts[0])]
         self.channel_index = self._select(channels)
+        if self.dataset_ranges is not None and self.dataset_ranges.shape != (2, len(self.channel_index)):
+            raise input_error("channel_stats ranges", f"(2, {len(self.channel_index)}): a (lo, hi) per channel read",
+                              str(self.dataset_ranges.shape),
+                              "Use an encoder pre-trained on this panel, or data.normalize=percentile")
         self.size, self.transform = size, transform
         need = getattr(transform, "min_input_size", None) if transform is not None else None
         if need is not None:

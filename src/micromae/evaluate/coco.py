@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from micromae.data.coco import CocoInstanceDataset, check_coco, read_coco_json, segmentation_rle
 from micromae.errors import at_least, input_error
+from micromae.evaluate.coco_analysis import ERROR_CURVES, coco_error_analysis, plot_error_analysis
 from micromae.evaluate.report import markdown_table
 from micromae.figures import plt, save_figure
 from micromae.io import atomic_path, check_output, write_files_atomically
@@ -180,6 +181,31 @@ def coco_evaluate(gt: str | Path | dict | COCO, results: str | Path | list[dict]
     ``max_dets``: the largest ``maxDets`` (100 is COCO's; raise it for images with more objects).
     """
     coco_gt = gt if isinstance(gt, COCO) else load_coco_gt(gt)
+    results = read_results(results, coco_gt)
+    out: dict[str, dict[str, Any]] = {}
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise input_error("iou_type", "bbox or segm", repr(iou_type), "Use bbox and/or segm")
+        out[iou_type] = _evaluate_one(coco_gt, results_for(results, iou_type), iou_type, max_dets)
+    return out
+
+
+def results_for(results: list[dict], iou_type: str) -> list[dict]:
+    """A copy of ``results`` for ``iou_type``: for ``segm`` every result needs a mask, and the boxes are dropped
+    (areas then come from the masks)."""
+    dets = copy.deepcopy(results)
+    if iou_type == "segm":
+        missing = [r for r in dets if "segmentation" not in r]
+        if missing:
+            raise input_error("predictions", "a segmentation in every result for mask mAP",
+                              f"{len(missing)} results without one", "Score bbox only, or add the masks")
+        for r in dets:
+            r.pop("bbox", None)
+    return dets
+
+
+def read_results(results: str | Path | list[dict], coco_gt: COCO) -> list[dict]:
+    """COCO results (a list, or the JSON file holding one), checked against the ground truth's image ids."""
     if isinstance(results, (str, Path)):
         path = Path(results)
         if not path.is_file():
@@ -198,20 +224,7 @@ def coco_evaluate(gt: str | Path | dict | COCO, results: str | Path | list[dict]
     if unknown:
         raise input_error("predictions", "image ids of the ground-truth file", f"unknown ids {sorted(unknown)[:5]}",
                           "Score the predictions against the COCO file they were made for")
-    out: dict[str, dict[str, Any]] = {}
-    for iou_type in iou_types:
-        if iou_type not in IOU_TYPES:
-            raise input_error("iou_type", "bbox or segm", repr(iou_type), "Use bbox and/or segm")
-        dets = copy.deepcopy(results)
-        if iou_type == "segm":
-            missing = [r for r in dets if "segmentation" not in r]
-            if missing:
-                raise input_error("predictions", "a segmentation in every result for mask mAP",
-                                  f"{len(missing)} results without one", "Score bbox only, or add the masks")
-            for r in dets:
-                r.pop("bbox", None)
-        out[iou_type] = _evaluate_one(coco_gt, dets, iou_type, max_dets)
-    return out
+    return results
 
 
 def _evaluate_one(coco_gt: COCO, dets: list[dict], iou_type: str, max_dets: int) -> dict[str, Any]:
@@ -256,13 +269,20 @@ def plot_pr_curves(metrics: dict[str, dict[str, Any]], path: str | Path, title: 
 # the verb
 
 
-def _report(metrics: dict[str, dict[str, Any]], source: str, coco: str) -> str:
+def _report(metrics: dict[str, dict[str, Any]], source: str, coco: str, analysis: dict[str, Any] | None) -> str:
     rows = [[("box" if t == "bbox" else "mask"), m["mAP"], m["mAP50"], m["mAP75"], m["detections"]]
             for t, m in metrics.items()]
     lines = ["# Instance segmentation", "", f"- predictions: {source}", f"- ground truth: {coco}", "",
              markdown_table(rows, ["", "mAP", "mAP@50", "mAP@75", "detections"]), "",
              "COCOeval (pycocotools), area all; mAP averages IoU 0.50:0.95.", "",
              "![precision-recall](pr_curves.png)", ""]
+    if analysis is not None:
+        lines += [f"## Error analysis ({'masks' if analysis['iou_type'] == 'segm' else 'boxes'})", "",
+                  markdown_table([[analysis["ap"][n] for n in ERROR_CURVES]], list(ERROR_CURVES)), "",
+                  "Area under each precision-recall curve of the COCO analysis: C75 / C50 at IoU 0.75 / 0.5, Loc "
+                  "at IoU 0.1, Sim and Oth without similar-class / any class confusions, BG without background "
+                  "false positives, FN = 1 (the rest are missed objects); mean over categories.", "",
+                  "![error analysis](error_analysis.png)", ""]
     for t, m in metrics.items():
         lines += [f"## COCOeval summary: {t}", "", "```", m["summary"].rstrip(), "```", ""]
     return "\n".join(lines)
@@ -273,7 +293,9 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
                            axes: str | None = None, device: str = "auto", inference: str | None = None,
                            max_dets: int = 100, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Predict ``coco``'s images with a Mask R-CNN ``checkpoint`` (or score existing ``predictions``) and
-    write ``out/``: ``predictions.json`` (when predicted), ``metrics.json``, ``report.md``, ``pr_curves.png``.
+    write ``out/``: ``predictions.json`` (when predicted), ``metrics.json`` (with ``error_analysis``: the COCO
+    analysis curves and their areas, :mod:`~micromae.evaluate.coco_analysis`), ``report.md``, ``pr_curves.png``,
+    ``error_analysis.png``.
     ``inference``: ``whole`` or ``tiles`` (default: the run's config). Images are scaled to [0, 1] as in
     training (the checkpoint's ``data.normalize`` / ``data.percentiles``). Returns :func:`coco_evaluate`'s dict."""
     if (checkpoint is None) == (predictions is None):
@@ -302,10 +324,16 @@ def run_evaluate_instances(coco: str | Path, out: str | Path, checkpoint: str | 
         source = f"{checkpoint} (inference: {inference or cfg.inference})"
     else:
         results, source = predictions, str(predictions)
+    results = read_results(results, gt)
     metrics = coco_evaluate(gt, results, max_dets=max_dets)
-    texts["metrics.json"] = json.dumps({"source": source, "ground_truth": str(coco), **metrics}, indent=2)
-    texts["report.md"] = _report(metrics, source, str(coco))
+    # the error analysis of the masks (of the boxes when the results have no masks)
+    kind = "segm" if all("segmentation" in r for r in results) else "bbox"
+    analysis = coco_error_analysis(gt, results_for(results, kind), kind, max_dets)
+    texts["metrics.json"] = json.dumps({"source": source, "ground_truth": str(coco), **metrics,
+                                        "error_analysis": analysis}, indent=2)
+    texts["report.md"] = _report(metrics, source, str(coco), analysis)
     with atomic_path(out, overwrite=overwrite) as tmp:  # the folder appears complete; --overwrite replaces it whole
         plot_pr_curves(metrics, tmp / "pr_curves.png", title=str(source))
+        plot_error_analysis(analysis, tmp / "error_analysis.png", title=f"error analysis: {source}")
         write_files_atomically(tmp, {}, texts)
     return metrics

@@ -34,7 +34,8 @@ from micromae.data.channel_norm import DEFAULT_PERCENTILES, check_normalize
 from micromae.errors import at_least, input_error
 from micromae.io import atomic_path, check_output, write_files_atomically
 from micromae.models import ViTEncoder
-from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_checkpoint, load_encoder
+from micromae.models.pretrained import (ENCODER_FIELDS, InputNormalization, encoder_fields, input_normalization,
+                                        load_encoder, read_normalization)
 from micromae.evaluate.report import markdown_table
 from micromae.runtime import eval_mode, resolve_device
 from micromae.train.classify_data import load_labelled_crops
@@ -177,28 +178,23 @@ def probe_encoders(checkpoints: Mapping[str, str], branch: int = 1, size: int | 
 
 def checkpoint_normalize(path: str | Path) -> tuple[str, tuple[float, ...]]:
     """``(data.normalize, data.percentiles)`` a checkpoint's run read its images with; ``("dtype", ...)`` for
-    files that do not record it (runs from before the option, exported encoders without a config)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        meta = path.with_suffix(".json")
-        config = json.loads(meta.read_text()).get("config") or {} if meta.is_file() else {}
-    else:
-        config = load_checkpoint(path).get("config") or {}
-    data = config.get("data") or {}
-    return str(data.get("normalize", "dtype")), tuple(float(p) for p in data.get("percentiles", DEFAULT_PERCENTILES))
+    files that do not record it (runs from before the option, exported encoders without a description)."""
+    mode, pct, _ = read_normalization(path)
+    return str(mode or "dtype"), tuple(pct or DEFAULT_PERCENTILES)
 
 
 def _input_settings(checkpoints: Mapping[str, str], normalize: str | None,
-                    percentiles: Sequence[float] | None) -> dict[str, tuple[str, tuple[float, ...]]]:
-    """``{name: (normalize, percentiles)}``: the arguments, else each checkpoint's own (a random encoder
-    takes the first checkpoint's, so it sees the same inputs)."""
+                    percentiles: Sequence[float] | None) -> dict[str, InputNormalization]:
+    """``{name: InputNormalization}``: each encoder's stored setting (mode, percentiles, ``channel_stats``
+    ranges) unless ``normalize`` / ``percentiles`` override it (a warning when they differ); a random encoder
+    takes the first checkpoint's, so it sees the same inputs."""
     if normalize is not None:
-        pct = check_normalize(normalize, percentiles or DEFAULT_PERCENTILES)
-        return {n: (normalize, pct) for n in checkpoints}
-    own = {n: checkpoint_normalize(p) for n, p in checkpoints.items() if p != "random"}
-    first = next(iter(own.values()), ("dtype", tuple(DEFAULT_PERCENTILES)))
-    return {n: own.get(n, first) if percentiles is None else (own.get(n, first)[0], tuple(percentiles))
-            for n in checkpoints}
+        check_normalize(normalize, percentiles or DEFAULT_PERCENTILES)
+    own = {n: input_normalization(p, normalize, percentiles, default_percentiles=DEFAULT_PERCENTILES)
+           for n, p in checkpoints.items() if p != "random"}
+    first = next(iter(own.values()), None) or input_normalization(None, normalize, percentiles,
+                                                                   default_percentiles=DEFAULT_PERCENTILES)
+    return {n: own.get(n, first) for n in checkpoints}
 
 
 def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, out: str | Path | None = None,
@@ -212,7 +208,8 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
     ``out`` (optional) must not exist yet unless ``overwrite`` (then it is replaced whole).
 
     ``normalize`` / ``percentiles``: how crops are scaled to [0, 1] (``dtype``, ``percentile``, ``minmax``);
-    None: as each encoder's checkpoint was trained (its ``data.normalize``), see :func:`checkpoint_normalize`.
+    None: as each encoder was pre-trained (the setting stored with it, ``channel_stats`` ranges included; see
+    :func:`~micromae.models.pretrained.input_normalization`); an override that differs is warned about.
 
     ``checkpoints``: ``{name: path}`` or a list of paths (named by file); ``"random"`` = a random-init encoder.
     Every encoder is scored on the same ``folds`` stratified splits (``test_size`` held out). Writes
@@ -239,7 +236,7 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
                               seed=seed)
     rows = []
     for name, encoder in tqdm(encoders.items(), desc="probing encoders", unit="encoder"):
-        crops = probe.at(encoder.img_size[0], *inputs[name])
+        crops = probe.at(encoder.img_size[0], inputs[name])
         if encoder.in_chans != crops.num_channels:
             raise input_error(f"encoder '{name}'", f"{crops.num_channels} input channels (the crops')",
                               f"{encoder.in_chans}", "Select the encoder's channels with --channels")
@@ -253,7 +250,8 @@ def run_probe(checkpoints: Mapping[str, str] | Sequence[str], root: str | Path, 
             knn.append(knn_probe(feats[tr], labels[tr], feats[te], labels[te], k=k, temperature=temperature,
                                  vote=vote, num_classes=len(crops.classes)))
         rows.append({"encoder": name, "checkpoint": checkpoints[name], "feature_dim": int(feats.shape[1]),
-                     "normalize": inputs[name][0], "percentiles": list(inputs[name][1]),
+                     "normalize": inputs[name].normalize, "percentiles": list(inputs[name].percentiles),
+                     "channel_ranges": "stored" if inputs[name].ranges is not None else "data",
                      "linear_mean": float(np.mean(lin)), "linear_std": float(np.std(lin)), "linear_folds": lin,
                      "knn_mean": float(np.mean(knn)), "knn_std": float(np.std(knn)), "knn_folds": knn})
     counts = np.bincount(crops.labels.numpy(), minlength=len(crops.classes))
@@ -282,11 +280,14 @@ class ProbeData:
         self.root, self.axes, self.channels = root, axes, channels
         self.cache: dict[int, Any] = {}
 
-    def at(self, size: int, normalize: str = "dtype", percentiles: Sequence[float] = (0.5, 99.8)):
-        key = (size, normalize, tuple(percentiles))
+    def at(self, size: int, inputs: InputNormalization | None = None):
+        inputs = inputs or InputNormalization("dtype", (0.5, 99.8))
+        ranges = None if inputs.ranges is None else tuple(map(tuple, inputs.ranges))
+        key = (size, inputs.normalize, inputs.percentiles, ranges)
         if key not in self.cache:
-            self.cache[key] = load_labelled_crops(self.root, size, self.axes, self.channels, normalize=normalize,
-                                                  percentiles=percentiles)
+            self.cache[key] = load_labelled_crops(self.root, size, self.axes, self.channels,
+                                                  normalize=inputs.normalize, percentiles=inputs.percentiles,
+                                                  ranges=inputs.ranges)
         return self.cache[key]
 
     def channels_hint(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from micromae.errors import input_error
@@ -16,7 +17,26 @@ from micromae.models.dama import feature_loss, regression_target
 from micromae.models.masking import mask_from_ids_keep, num_kept
 from micromae.models.vit import ViTEncoder, init_mae_weights
 
-__all__ = ["Data2Vec"]
+__all__ = ["TARGET_NORMS", "Data2Vec", "target_spread"]
+
+TARGET_NORMS = ("layer", "instance")
+
+
+@torch.no_grad()
+def target_spread(target: torch.Tensor) -> dict[str, float]:
+    """How much a regression target ``(N, L, D)`` varies, the collapse check of data2vec.
+
+    ``target_std_tokens``: the standard deviation over the ``L`` tokens of one image, averaged over features
+    and images (0 when every token of an image has the same target); ``target_std_images``: over the ``N``
+    images at one token position, averaged over features and positions (0 when every image has the same
+    target; needs ``N >= 2``). A per-token layer-normalised target has unit spread over features, so values
+    near 1 mean the target varies as much between tokens as within one, values near 0 a collapsed target.
+    """
+    t = target.detach().float()
+    out = {"target_std_tokens": float(t.std(dim=1, unbiased=False).mean())}
+    if t.shape[0] > 1:
+        out["target_std_images"] = float(t.std(dim=0, unbiased=False).mean())
+    return out
 
 
 class Data2Vec(nn.Module):
@@ -28,8 +48,13 @@ class Data2Vec(nn.Module):
     an EMA copy of the student (no gradient).
     """
 
-    def __init__(self, encoder: ViTEncoder, mask_ratio: float = 0.6, K: int = 6, beta: float = 2.0) -> None:
+    def __init__(self, encoder: ViTEncoder, mask_ratio: float = 0.6, K: int = 6, beta: float = 2.0,
+                 target_norm: str = "layer") -> None:
         super().__init__()
+        if target_norm not in TARGET_NORMS:
+            raise input_error("data2vec target_norm", "one of " + ", ".join(TARGET_NORMS), repr(target_norm),
+                              "Use layer (DAMA's target) or instance")
+        self.target_norm = target_norm
         self.keep = num_kept(encoder.num_patches, mask_ratio)
         if not 1 <= K <= encoder.depth or isinstance(K, bool):
             raise input_error("K", f"an int in 1..depth={encoder.depth}", repr(K), "Average at most depth blocks")
@@ -53,8 +78,12 @@ class Data2Vec(nn.Module):
         pred = self.head(self.encoder.forward_tokens(x)[:, 1:])
         with torch.no_grad():
             _, ffn = self.teacher.forward_features(imgs, return_block_ffn=self.K)
-            target = regression_target(ffn)[:, 1:]
+            if self.target_norm == "instance":  # each block's output normalised over the patch tokens
+                ffn = [F.instance_norm(f[:, 1:].float().transpose(1, 2)).transpose(1, 2) for f in ffn]
+                target = torch.stack(ffn).mean(dim=0)
+            else:
+                target = regression_target(ffn)[:, 1:]
         return feature_loss(pred, target, self.beta, weight=mask), pred, target, mask
 
     def settings(self) -> dict:
-        return dict(mask_ratio=self.mask_ratio, K=self.K, beta=self.beta)
+        return dict(mask_ratio=self.mask_ratio, K=self.K, beta=self.beta, target_norm=self.target_norm)

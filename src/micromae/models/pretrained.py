@@ -33,12 +33,14 @@ from safetensors.torch import load_file
 
 from micromae.errors import input_error
 from micromae.io import file_sha256
+from micromae.runtime import say
 from micromae.models.dama import encoder_state_dict
 from micromae.models.pos_embed import interpolate_pos_embed
 from micromae.models.vit import ENCODER_FIELDS, ViTEncoder
 
-__all__ = ["ENCODER_FIELDS", "POS_EMBED_POLICIES", "EncoderMeta", "encoder_fields", "load_checkpoint",
-           "load_encoder", "read_encoder_weights"]
+__all__ = ["ENCODER_FIELDS", "POS_EMBED_POLICIES", "EncoderMeta", "InputNormalization", "encoder_fields",
+           "input_normalization", "load_checkpoint", "load_encoder", "normalization_record", "read_encoder_weights",
+           "read_normalization"]
 
 POS_EMBED_POLICIES = ("keep", "interpolate", "recompute")
 
@@ -51,7 +53,9 @@ class EncoderMeta:
     encoder's :data:`ENCODER_FIELDS`; ``normalize`` / ``percentiles``: the run's ``data.normalize`` and
     ``data.percentiles`` (None when the file does not record them); ``sha256``: of the file; ``source``:
     ``pretrain``, ``finetune`` or ``safetensors``; ``provenance``: a small dict saved with runs that start
-    from this file (``init``, ``format``, ``objective``, ``branch``, ...).
+    from this file (``init``, ``format``, ``objective``, ``branch``, ...); ``channel_ranges``: for
+    ``channel_stats``, the per-channel ``[[lo...], [hi...]]`` the run scaled its images with (None otherwise
+    or when the file does not record them).
     """
 
     config: dict[str, Any]
@@ -61,7 +65,15 @@ class EncoderMeta:
     normalize: str | None = None
     percentiles: tuple[float, ...] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    channel_ranges: list[list[float]] | None = None
 
+
+def normalization_record(normalize: str, percentiles: Any, channel_ranges: Any = None) -> dict[str, Any]:
+    """What checkpoints (under ``config["normalization"]``) and exported encoders (``normalization`` in the
+    JSON) store about the input scaling: ``{"normalize", "percentiles", "channel_ranges"}`` (``(2, C)`` as
+    nested lists, or None)."""
+    ranges = None if channel_ranges is None else [[float(v) for v in row] for row in channel_ranges]
+    return {"normalize": str(normalize), "percentiles": [float(p) for p in percentiles], "channel_ranges": ranges}
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``train.checkpoint.save_checkpoint``, with a clear error for anything else."""
@@ -90,10 +102,15 @@ def encoder_fields(encoder: ViTEncoder) -> dict[str, Any]:
             "pos_embed_weight": encoder.pos_embed_weight}
 
 
-def _normalisation(config: dict[str, Any]) -> tuple[str | None, tuple[float, ...] | None]:
+def _normalisation(config: dict[str, Any], record: dict[str, Any] | None = None
+                   ) -> tuple[str | None, tuple[float, ...] | None, list[list[float]] | None]:
+    """``(normalize, percentiles, channel_ranges)`` of a file: its normalisation record, else the config's
+    ``data.normalize`` / ``data.percentiles`` (files written before the record: no ranges)."""
+    record = record or config.get("normalization") or {}
     data = config.get("data") or {}
-    pct = data.get("percentiles")
-    return data.get("normalize"), None if pct is None else tuple(float(p) for p in pct)
+    pct = record.get("percentiles", data.get("percentiles"))
+    return (record.get("normalize", data.get("normalize")), None if pct is None else tuple(float(p) for p in pct),
+            record.get("channel_ranges"))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], EncoderMeta]:
@@ -109,9 +126,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], EncoderMeta]
     config = meta.get("config") or {}
     provenance = {"init": str(path), "format": "safetensors", "objective": meta.get("objective"),
                   "branch": meta.get("branch"), "checkpoint_sha256": meta.get("checkpoint_sha256")}
-    normalize, pct = _normalisation(config)
+    normalize, pct, ranges = _normalisation(config, meta.get("normalization"))
     return load_file(str(path)), EncoderMeta(config, fields, file_sha256(path), "safetensors", normalize, pct,
-                                             provenance)
+                                             provenance, ranges)
 
 
 def _read_pt(path: Path, branch: int, map_location: str | torch.device) -> tuple[dict[str, torch.Tensor],
@@ -130,10 +147,10 @@ def _read_pt(path: Path, branch: int, map_location: str | torch.device) -> tuple
         weights = encoder_state_dict(state["model"], branch)
     provenance = {"init": str(path), "format": "checkpoint", "objective": config.get("objective"),
                   "branch": branch, "step": state.get("step")}
-    normalize, pct = _normalisation(config)
+    normalize, pct, ranges = _normalisation(config)
     source = "finetune" if config.get("task") else "pretrain"
     return weights, EncoderMeta(config, {k: model[k] for k in ENCODER_FIELDS}, file_sha256(path), source,
-                                normalize, pct, provenance)
+                                normalize, pct, provenance, ranges)
 
 
 def read_encoder_weights(path: str | Path, branch: int | None = None, map_location: str | torch.device = "cpu"
@@ -197,3 +214,47 @@ def load_encoder(path: str | Path, branch: int | None = None, img_size: int | No
                           "Pass a checkpoint written by micromae pretrain, finetune or export-encoder") from exc
     meta.provenance["pretrain_img_size"] = old_side
     return encoder, meta
+
+
+def read_normalization(path: str | Path) -> tuple[str | None, tuple[float, ...] | None, list[list[float]] | None]:
+    """``(normalize, percentiles, channel_ranges)`` stored with an encoder file (a checkpoint or an exported
+    ``.safetensors`` with its JSON), without building the encoder; Nones for what the file does not record."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return _normalisation(meta.get("config") or {}, meta.get("normalization"))
+    return _normalisation(load_checkpoint(path).get("config") or {})
+
+
+@dataclass(frozen=True)
+class InputNormalization:
+    """How images are scaled for an encoder: ``normalize``, ``percentiles`` and, for ``channel_stats`` with the
+    pre-training's settings, its per-channel ``ranges`` (``(2, C)`` nested lists; None: computed from the data
+    read)."""
+
+    normalize: str
+    percentiles: tuple[float, ...]
+    ranges: list[list[float]] | None = None
+
+
+def input_normalization(path: str | Path | None, normalize: str | None = None,
+                        percentiles: Any = None, default: str = "dtype",
+                        default_percentiles: Any = (0.5, 99.8), who: str = "encoder") -> InputNormalization:
+    """The input scaling for the encoder in ``path``: the one stored with it, unless ``normalize`` /
+    ``percentiles`` override it; an override that differs from the stored setting is said as a warning.
+
+    ``path`` None or ``"random"`` (no stored setting), and files that record nothing, use the override, else
+    ``default`` / ``default_percentiles``. The stored ``channel_ranges`` are used when the result is the
+    stored ``channel_stats`` with the stored percentiles.
+    """
+    stored = (None, None, None) if path is None or str(path) == "random" else read_normalization(path)
+    mode = normalize if normalize is not None else stored[0] or default
+    pct = tuple(float(p) for p in (percentiles if percentiles is not None else stored[1] or default_percentiles))
+    if stored[0] is not None and (mode != stored[0] or (stored[1] is not None and pct != stored[1]
+                                                        and mode != "dtype")):
+        say(f"warning: {who} '{path}' was pre-trained on images scaled with normalize={stored[0]} "
+            f"percentiles={list(stored[1] or ())}, these are read with normalize={mode} percentiles={list(pct)} "
+            "(the override); drop it to use the stored setting")
+    ranges = stored[2] if mode == "channel_stats" and stored[0] == "channel_stats" and pct == stored[1] else None
+    return InputNormalization(mode, pct, ranges)

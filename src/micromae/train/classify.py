@@ -35,7 +35,7 @@ from micromae.errors import input_error
 from micromae.io import atomic_path
 from micromae.models import ViTEncoder
 from micromae.models.heads.classifier import ViTClassifier
-from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, load_encoder
+from micromae.models.pretrained import ENCODER_FIELDS, encoder_fields, input_normalization, load_encoder
 from micromae.runtime import say
 from micromae.train.checkpoint import load_checkpoint
 from micromae.train.classify_data import (LabelledCrops, accuracy_report, crop_stream, load_labelled_crops, predict,
@@ -222,8 +222,10 @@ def build_classify_run(cfg: ClassifyConfig, ctx: RunContext, crops: LabelledCrop
         if cfg.data.root is None:
             raise input_error("data.root", "a folder of class sub-folders of crops", "nothing",
                               "Set data.root=/path/to/cells (e.g. the cells/ folder of micromae data synth-mif)")
+        # the config's scaling; with channel_stats as in pre-training, the encoder's stored per-channel ranges
+        norm = input_normalization(cfg.init, cfg.data.normalize, cfg.data.percentiles, who="init")
         crops = load_labelled_crops(cfg.data.root, encoder.img_size[0], cfg.data.axes, cfg.data.channels,
-                                    cfg.data.classes, cfg.data.normalize, cfg.data.percentiles)
+                                    cfg.data.classes, cfg.data.normalize, cfg.data.percentiles, ranges=norm.ranges)
     check_channels(encoder, crops, cfg.init)
     if tuple(crops.images.shape[-2:]) != encoder.img_size:
         raise input_error("crops", f"side {encoder.img_size[0]} (the model's input)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,17 +65,18 @@ class LabelledCrops:
 def load_labelled_crops(root: str | Path, size: int, axes: str | None = None,
                         channels: Sequence[str | int] | None = None,
                         classes: Sequence[str] | None = None, normalize: str = "dtype",
-                        percentiles: Sequence[float] = (0.5, 99.8)) -> LabelledCrops:
+                        percentiles: Sequence[float] = (0.5, 99.8), ranges: Any = None) -> LabelledCrops:
     """Read every crop of ``root/<class>/**/*.tif`` resized to ``size × size`` (see the module docstring),
     each file scaled to [0, 1] by ``normalize`` / ``percentiles``
-    (:func:`~micromae.data.multichannel.normalize_channels`).
+    (:func:`~micromae.data.multichannel.normalize_channels`); ``ranges``: ``channel_stats``' per-channel
+    ranges to use instead of the folder's (e.g. the pre-training's).
 
     Raises MicromaeInputError for a folder without class sub-folders or with fewer than two classes that have
     crops.
     """
     root = Path(root)
     dataset = MultiChannelImageFolder(root, axes=axes, size=size, channels=channels, classes=classes,
-                                      normalize=normalize, percentiles=percentiles)
+                                      normalize=normalize, percentiles=percentiles, ranges=ranges)
     if not dataset.classes:
         raise input_error(f"classification folder '{root}'", "one sub-folder of crops per cell type",
                           "images directly in the folder (no labels)",

@@ -20,7 +20,7 @@ from torch import nn
 from micromae.errors import input_error
 from micromae.figures import channels_to_rgb, display_scale, plt, save_figure
 from micromae.models.dama import DAMA, ema_momentum, ema_update
-from micromae.models.data2vec import Data2Vec
+from micromae.models.data2vec import Data2Vec, target_spread
 from micromae.models.mae import MaskedAutoencoder
 from micromae.models.vit import ViTEncoder
 from micromae.runtime import eval_mode, unwrap
@@ -145,25 +145,27 @@ def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) ->
 
 
 class Data2VecObjective(Objective):
-    """data2vec baseline; the teacher follows the student by EMA (cosine ``ema_momentum`` -> 1)."""
+    """data2vec baseline; the teacher follows the student by EMA (cosine ``ema_momentum`` -> 1). Logs
+    ``loss_f``, ``ema_momentum`` and the target's spread (:func:`~micromae.models.data2vec.target_spread`:
+    ``target_std_tokens``, ``target_std_images``), which fall to 0 if the target collapses."""
 
     name = "data2vec"
     figure_name = "data2vec_mask"
 
     def __init__(self, model: MaskedAutoencoder | ViTEncoder | Data2Vec, total_steps: int = 1,
                  ema_momentum: float = 0.996, mask_ratio: float | None = None, K: int = 6,
-                 beta: float = 2.0) -> None:
+                 beta: float = 2.0, target_norm: str = "layer") -> None:
         if not isinstance(model, Data2Vec):
             encoder = model.encoder if isinstance(model, MaskedAutoencoder) else model
             ratio = mask_ratio if mask_ratio is not None else getattr(model, "mask_ratio", 0.6)
-            model = Data2Vec(encoder, mask_ratio=ratio, K=K, beta=beta)
+            model = Data2Vec(encoder, mask_ratio=ratio, K=K, beta=beta, target_norm=target_norm)
         super().__init__(model)
         self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
         self.last_momentum = self.ema_base
 
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, _, _, _ = module(batch)
-        return loss, {"loss_f": float(loss.detach()), "ema_momentum": self.last_momentum}
+        loss, _, target, _ = module(batch)
+        return loss, {"loss_f": float(loss.detach()), "ema_momentum": self.last_momentum, **target_spread(target)}
 
     def after_step(self, step: int) -> None:
         self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)

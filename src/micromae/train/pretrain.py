@@ -12,7 +12,11 @@ from micromae.data.sampler import PlaneCropSampler, make_loader
 from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.figures import plot_loss_curves
+from micromae.data.views import FluorescenceViews
 from micromae.models import MaskedAutoencoder
+from micromae.models.mocov3 import MoCoV3
+from micromae.models.pretrained import normalization_record
+from micromae.models.simmim import SimMIM
 from micromae.runtime import say
 from micromae.train.dama_objectives import build_dama_comparison_objective
 from micromae.train.distributed import main_process_first
@@ -20,6 +24,7 @@ from micromae.train.engine import Objective, TrainResult
 from micromae.train.log import read_log
 from micromae.train.objectives import MAEObjective
 from micromae.train.run import RunContext, RunPlan, run_training
+from micromae.train.ssl_objectives import MoCoV3Objective, SimMIMObjective
 
 IMAGE_SOURCES = ("images", "synthetic_mif")
 
@@ -30,15 +35,25 @@ def build_model(cfg: PretrainConfig) -> MaskedAutoencoder:
 
 
 def build_objective(cfg: PretrainConfig, model: MaskedAutoencoder) -> Objective:
-    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches) or
-    data2vec."""
+    """MAE, DAMA (docs/METHODS.md, DAMA pre-training; two students get independently initialised branches),
+    data2vec, SimMIM or MoCo v3 (these two train ``model``'s encoder only; ``model.decoder_*`` are unused)."""
     dama = to_dict(cfg.dama)
     if cfg.objective == "mae":
         return MAEObjective(model)
+    if cfg.objective == "simmim":
+        return SimMIMObjective(SimMIM(model.encoder, mask_ratio=cfg.model.mask_ratio))
+    if cfg.objective == "mocov3":
+        m = cfg.mocov3
+        views = FluorescenceViews(crop_scale=(m.crop_min_scale, 1.0), gain=tuple(m.gain), blur_p=m.blur_p,
+                                  blur_sigma=m.blur_sigma, noise=m.noise)
+        return MoCoV3Objective(MoCoV3(model.encoder, dim=m.dim, mlp_dim=m.mlp_dim, temperature=m.temperature),
+                               cfg.train.steps, ema_momentum=m.ema_momentum, views=views)
     if cfg.objective == "data2vec":
         return build_dama_comparison_objective("data2vec", model, cfg.train.steps, K=cfg.dama.K,
-                                               beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum)
+                                               beta=cfg.dama.beta, ema_momentum=cfg.dama.ema_momentum,
+                                               target_norm=cfg.dama.data2vec_target_norm)
     momentum = dama.pop("ema_momentum")
+    dama.pop("data2vec_target_norm")
     branch2 = build_model(cfg) if cfg.dama.config == "student1-student2" else None
     return build_dama_comparison_objective("dama", model, cfg.train.steps, ema_momentum=momentum,
                                            branch2=branch2, **dama)
@@ -84,10 +99,13 @@ def check_pretrain_config(cfg: PretrainConfig) -> None:
 def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
     """The data stream (images or volume plane crops), the model and its objective, and the loss figure."""
     info, device, run_dir = ctx.info, ctx.device, ctx.run_dir
+    ranges = None
     if cfg.data.source in IMAGE_SOURCES:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the main process writes synthetic images once, the others wait and read them
         dataset = main_process_first(info, lambda: build_image_dataset(cfg, run_dir))
+        if cfg.data.normalize == "channel_stats":  # the folder's ranges, stored with the model
+            ranges = dataset.ranges(0, None)
 
         def open_stream(start: int):
             return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
@@ -109,7 +127,10 @@ def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
             plot_run_losses(run_dir)
         return result
 
-    return RunPlan(objective, open_stream, cfg, messages=[message], finish=finish)
+    # the input scaling travels with the model: load_encoder / input_normalization read it back
+    config_dict = {**to_dict(cfg), "normalization": normalization_record(cfg.data.normalize, cfg.data.percentiles,
+                                                                         ranges)}
+    return RunPlan(objective, open_stream, cfg, messages=[message], finish=finish, config_dict=config_dict)
 
 
 def run_pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: str | None = None,

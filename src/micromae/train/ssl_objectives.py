@@ -1,0 +1,104 @@
+"""The DAMA paper's other pre-training columns as objectives of the one engine: SimMIM and MoCo v3.
+
+- :class:`SimMIMObjective`: :class:`~micromae.models.simmim.SimMIM` (mask tokens in the encoder, linear
+  pixel head, L1 on masked patches); logs ``mask_ratio``.
+- :class:`MoCoV3Objective`: :class:`~micromae.models.mocov3.MoCoV3` on two
+  :class:`~micromae.data.views.FluorescenceViews` of each batch; after every optimiser step the momentum
+  branch follows by EMA (cosine ``ema_momentum`` -> 1); logs ``ema_momentum``.
+
+Both keep the encoder under ``encoder.``, so checkpoints load through ``models.pretrained.load_encoder``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from micromae.data.views import FluorescenceViews
+from micromae.errors import input_error
+from micromae.figures import plot_reconstructions
+from micromae.models.dama import ema_momentum
+from micromae.models.mocov3 import MoCoV3
+from micromae.models.simmim import SimMIM
+from micromae.runtime import eval_mode, unwrap
+from micromae.train.engine import Objective
+
+__all__ = ["MoCoV3Objective", "SimMIMObjective"]
+
+
+def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint written with other objective settings."""
+    if not state:
+        return
+    found = {k: state.get(k) for k in ["objective", *expected]}
+    wanted = {"objective": kind, **expected}
+    if found != wanted:
+        raise input_error("checkpoint objective state", repr(wanted), repr(found),
+                          "Resume with the config the run was started with")
+
+
+class SimMIMObjective(Objective):
+    """SimMIM: L1 on the raw pixels of the masked patches."""
+
+    name = "simmim"
+    figure_name = "simmim_reconstruction"
+
+    def __init__(self, model: SimMIM) -> None:
+        super().__init__(model)
+
+    def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        out = module(batch)
+        return out.loss, {"mask_ratio": float(out.mask.float().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"objective": "simmim", "settings": self.model.settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume(state, "simmim", {"settings": self.model.settings()})
+
+    @torch.no_grad()
+    def save_figure(self, batch: torch.Tensor, path: Path) -> None:
+        model: SimMIM
+        with eval_mode(unwrap(self.model)) as model:
+            imgs = batch[:6].float()
+            out = model(imgs)
+            p, (gh, gw) = model.patch_size, model.encoder.grid_size
+            mask = out.mask.float().reshape(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)
+            plot_reconstructions(imgs.cpu().numpy(), mask.cpu().numpy(),
+                                 model.unpatchify(out.pred.float()).clamp(0, 1).cpu().numpy(), path,
+                                 title=f"SimMIM L1 {float(out.loss):.4f}")
+
+
+class MoCoV3Objective(Objective):
+    """MoCo v3 with fluorescence views; ``total_steps`` sets the momentum schedule."""
+
+    name = "mocov3"
+    figure_name = "mocov3"
+
+    def __init__(self, model: MoCoV3, total_steps: int = 1, ema_momentum: float = 0.99,
+                 views: FluorescenceViews | None = None) -> None:
+        super().__init__(model)
+        if not 0.0 <= float(ema_momentum) <= 1.0:
+            raise input_error("mocov3.ema_momentum", "a number in [0, 1]", repr(ema_momentum), "Use 0.99 (paper)")
+        self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
+        self.last_momentum = self.ema_base
+        self.views = views or FluorescenceViews()
+
+    def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        view1, view2 = self.views(batch.float())
+        return module(view1, view2), {"ema_momentum": self.last_momentum}
+
+    def after_step(self, step: int) -> None:
+        self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
+        self.model.update_momentum(self.last_momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"objective": "mocov3", "settings": self.model.settings(), "total_steps": self.total_steps,
+                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume(state, "mocov3", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        self.last_momentum = float(state.get("last_momentum", self.ema_base))
