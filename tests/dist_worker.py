@@ -25,6 +25,19 @@ from micromae.segment import pipeline, volume
 from micromae.segment.volume import SegmentSettings
 
 
+def _dying(real, n: int):
+    """``real``, but this process kills itself (SIGKILL) at the ``n``-th call."""
+    calls = [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    return dying
+
+
 def main(jobs_path: str) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -34,15 +47,7 @@ def main(jobs_path: str) -> int:
         if "settings" in kwargs:
             kwargs["settings"] = SegmentSettings(**{**kwargs["settings"], "axes": tuple(kwargs["settings"]["axes"])})
         if job.get("die_in_plane") and job["die_in_plane"][0] == rank:
-            real, calls = volume.embed_pixels_region, [0]
-
-            def dying(*args, **kw):
-                calls[0] += 1
-                if calls[0] == job["die_in_plane"][1]:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(*args, **kw)
-
-            volume.embed_pixels_region = dying
+            volume.embed_pixels_region = _dying(volume.embed_pixels_region, job["die_in_plane"][1])
         run = {"segment": pipeline.run_segment, "cluster": pipeline.run_cluster, "embed": pipeline.run_embed}
         try:
             run[job["verb"]](**kwargs)

@@ -42,8 +42,9 @@ def _launch(jobs: list[dict], tmp_path: Path, name: str, world: int = 2) -> list
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(jobs))
     env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
-    return [subprocess.Popen([sys.executable, str(WORKER), str(path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    return [subprocess.Popen([sys.executable, str(WORKER), str(path)],
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in range(world)]
 
 
 def _wait(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:

@@ -30,7 +30,7 @@ from micromae.train.distributed import DistInfo, barrier, cleanup_distributed, i
 T = TypeVar("T")
 
 __all__ = ["DistInfo", "DoneRecords", "RankFailed", "barrier", "broadcast", "check_same", "current_world",
-           "join_world", "leave_world", "share", "together"]
+           "done_planes", "join_world", "leave_world", "share", "together"]
 
 
 class RankFailed(RuntimeError):
@@ -150,17 +150,7 @@ class DoneRecords:
 
     def merge(self, group: Any) -> dict[str, list[int]]:
         """(rank 0) the group's ``done`` attribute united with every rank file of this run, written back."""
-        done = {a: set(v) for a, v in dict(group.attrs.get("done", {})).items()}
-        for path in sorted(self.folder.glob("rank*.json")) if self.folder.is_dir() else ():
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a file a killed rank left half-written: its planes are done again
-            if record.get("run_id") != self.run_id:
-                continue
-            for axis, planes in record.get("done", {}).items():
-                done.setdefault(axis, set()).update(int(i) for i in planes)
-        merged = {a: sorted(v) for a, v in sorted(done.items())}
+        merged = _united(group, self.folder, self.run_id)
         group.attrs["done"] = merged
         shutil.rmtree(self.folder, ignore_errors=True)
         return merged
@@ -173,6 +163,30 @@ class DoneRecords:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"run_id": self.run_id, "done": self.mine}))
         os.replace(tmp, path)
+
+
+def _united(group: Any, folder: Path, run_id: str) -> dict[str, list[int]]:
+    done = {a: set(v) for a, v in dict(group.attrs.get("done", {})).items()}
+    for path in sorted(folder.glob("rank*.json")) if folder.is_dir() else ():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a file a killed rank left half-written: its planes are done again
+        if record.get("run_id") != run_id:
+            continue
+        for axis, planes in record.get("done", {}).items():
+            done.setdefault(axis, set()).update(int(i) for i in planes)
+    return {a: sorted(v) for a, v in sorted(done.items())}
+
+
+def done_planes(partial: str | Path) -> dict[str, list[int]]:
+    """The planes an interrupted run left finished in ``<out>.partial``, per slicing axis (``"0"``: Z), from
+    the group's ``done`` attribute and every rank's record (read only)."""
+    import zarr
+
+    partial = Path(partial)
+    group = zarr.open_group(store=str(partial), mode="r")
+    return _united(group, folder_of(partial), str(group.attrs.get("run_id")))
 
 
 def folder_of(partial: Path) -> Path:
