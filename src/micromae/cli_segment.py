@@ -84,9 +84,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if given:
             raise input_error(", ".join(given), "no encoder inputs with --features (re-clustering reads only the "
                               "stored features)", "both", f"Drop {', '.join(given)}, or drop --features")
-        path = recluster(args.features, args.output, args.k, n_samples=args.samples, seed=args.seed,
-                         tri_planar=True if args.tri_planar else None, overwrite=args.overwrite)
-        print(f"wrote labels for k = {args.k} to {path}")
+        from micromae.segment.distributed import barrier, together
+
+        with _world("cpu") as info:  # under torchrun: rank 0 re-clusters, the others wait
+            with together(info):
+                if info.is_main:
+                    path = recluster(args.features, args.output, args.k, n_samples=args.samples, seed=args.seed,
+                                     tri_planar=True if args.tri_planar else None, overwrite=args.overwrite)
+                    print(f"wrote labels for k = {args.k} to {path}")
+            barrier(info)
         return 0
     from micromae.segment.pipeline import run_cluster
 

@@ -13,6 +13,7 @@ its message (:func:`together`). The process-group set-up itself is :mod:`microma
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -28,6 +29,10 @@ from micromae.errors import MicromaeInputError, input_error
 from micromae.train.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 
 T = TypeVar("T")
+
+# the other ranks wait this long for rank 0's sample and k-means fit (minutes on a large sample) and for the
+# slowest rank's last plane
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 __all__ = ["DistInfo", "DoneRecords", "RankFailed", "barrier", "broadcast", "check_same", "current_world",
            "done_planes", "join_world", "leave_world", "share", "together"]
@@ -48,7 +53,7 @@ def join_world(device_spec: str = "auto") -> DistInfo:
     """Join torchrun's process group when launched by it (``WORLD_SIZE`` > 1: NCCL with one GPU per
     ``LOCAL_RANK`` on CUDA, gloo on CPU); alone otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        init_distributed(device_spec)
+        init_distributed(device_spec, timeout=COLLECTIVE_TIMEOUT)
     return current_world()
 
 

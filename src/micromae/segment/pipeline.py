@@ -197,7 +197,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                       "<array>", "shape": list(volume.shape), "range": list(rng_range), "settings": vars(settings),
                       "ks": ks, "centres": None if main is None else main.centers.tobytes().hex(),
                       "samples": n_samples, "seed": seed, "mask": str(mask_path), "pca": pca_dim,
-                      "keep_features": keep_features, "output": str(output.resolve())})
+                      "keep_features": keep_features, "output": str(output)})
     sample = None
     models: dict[int, ClusterModel] = {}
     pca = None
@@ -308,7 +308,7 @@ def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
         rng_range = volume_range(volume, config)
     check_same(info, {"checkpoint": sha, "input": str(input_path), "shape": list(volume.shape), "range": rng_range,
                       "settings": vars(settings), "k": k, "samples": n_samples, "seed": seed, "mask": str(mask_path),
-                      "output": str(output.resolve())})
+                      "output": str(output)})
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens}
     with together(info):
@@ -350,7 +350,7 @@ def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slice
         check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
         rng_range = volume_range(volume, config)
     check_same(info, {"checkpoint": sha, "input": str(input_path), "shape": list(volume.shape), "range": rng_range,
-                      "settings": vars(settings), "slices": index, "output": str(output.resolve())})
+                      "settings": vars(settings), "slices": index, "output": str(output)})
     feats = {}
     with together(info):
         for i in share(range(len(index)), info):

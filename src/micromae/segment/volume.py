@@ -139,7 +139,7 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
     partial = out_path.with_name(out_path.name + ".partial")
     tile = _tile_side(encoder, settings)
     fused = len(axes) > 1
-    check_same(info, {"settings": key, "intensity_range": list(intensity_range), "output": str(out_path.resolve()),
+    check_same(info, {"settings": key, "intensity_range": list(intensity_range), "output": str(out_path),
                       "tile": tile, "resume": resume})
     with together(info):
         if info.is_main:
