@@ -1,6 +1,6 @@
 """Segmentation under torch.distributed: 2 gloo processes on CPU write exactly what 1 process writes (plain with a
 k sweep through `torchrun -m micromae segment`, tri-planar, embed, cluster), a killed rank's run resumes with
-another number of ranks, and ranks that see different settings are refused."""
+another number of ranks, ranks that see different settings are refused, and a failing rank fails them all."""
 
 from __future__ import annotations
 
@@ -116,6 +116,8 @@ def test_tri_planar_embed_cluster_and_mismatch_under_two_ranks(data, tmp_path):
         {"verb": "cluster", "kwargs": {**data, **COMMON, "output": str(tmp_path / "c2.npz")}},
         {"verb": "segment", "kwargs": {**data, **COMMON, "output": str(tmp_path / "bad.zarr")},
          "rank_kwargs": {"1": {"seed": 1}}, "error_to": str(tmp_path / "mismatch")},
+        {"verb": "segment", "kwargs": {**data, **COMMON, "output": str(tmp_path / "fail.zarr")},
+         "fail_in_plane": [1, 2], "error_to": str(tmp_path / "fail")},
     ]
     procs = _launch(jobs, tmp_path, "tri")
     from micromae.segment.volume import SegmentSettings
@@ -132,8 +134,13 @@ def test_tri_planar_embed_cluster_and_mismatch_under_two_ranks(data, tmp_path):
     assert np.array_equal(np.load(c1)["centers"], np.load(tmp_path / "c2.npz")["centers"])
     for rank in (0, 1):  # every rank refuses, naming what differs; nothing written
         message = (tmp_path / f"mismatch.rank{rank}").read_text()
+        assert message.startswith("MicromaeInputError: ")
         assert "rank 1 differs from rank 0 in" in message and "seed" in message and "same inputs" in message
     assert not list(tmp_path.glob("bad*"))
+    # a rank that fails mid-run fails every rank with its message; the output is left as .partial to resume
+    assert (tmp_path / "fail.rank1").read_text() == "RuntimeError: boom"
+    assert (tmp_path / "fail.rank0").read_text() == "RankFailed: rank 1 of 2 failed: RuntimeError: boom"
+    assert not (tmp_path / "fail.zarr").exists() and (tmp_path / "fail.zarr.partial").exists()
 
 
 def test_killed_rank_resumes_with_another_world_size(data, plain_one, tmp_path, monkeypatch):
