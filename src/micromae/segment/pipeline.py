@@ -146,9 +146,9 @@ def fit_pca(sample: EmbeddingSample, dim: int, seed: int = 0) -> tuple[np.ndarra
 
 
 def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, n_samples: int, pca_dim: int,
-                       axes: Sequence[int]) -> int:
+                       axes: Sequence[int], keep_full: bool = False) -> int:
     """Upper bound on what ``micromae segment`` writes (uncompressed): labels per k, the tri-planar distance
-    arrays while they exist, PCA features and the sample."""
+    arrays while they exist, PCA features, the full features (``keep_full``) and the sample."""
     voxels = int(np.prod(shape))
     fused = len(axes) > 1
     total = sum(voxels * (1 if k <= 255 else 2) for k in ks)
@@ -156,6 +156,8 @@ def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, 
         total += sum(2 * k * voxels * len(axes) for k in ks)
     if pca_dim:
         total += 2 * pca_dim * voxels * (1 + (len(axes) if fused else 0))
+    if keep_full:
+        total += 2 * embed_dim * voxels * len(axes)
     return total + n_samples * (2 * embed_dim + 3 * 8)
 
 
@@ -280,7 +282,8 @@ def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings
     if not partial.exists():  # a resumed run's space is mostly taken already
         check_free_space(existing_ancestor(output, "--output"),
                          segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
-                                            pca_dim if main is None else 0, settings.axes), "--output", output)
+                                            pca_dim if main is None else 0, settings.axes,
+                                            keep_full=keep_features == "full"), "--output", output)
     rng_range = volume_range(volume, config)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
