@@ -196,6 +196,8 @@ def _create_partial(partial: Path, key: str, resume: bool, clusters: dict[str, C
     new one with every array (one plane thick along its slicing axis, so ranks write disjoint chunks)."""
     group = _open_partial(partial, key, resume)
     if group is not None:
+        if "run_id" not in group.attrs:  # left by an older micromae, which kept its done planes in the attrs
+            group.attrs["run_id"] = uuid.uuid4().hex
         return group
     shutil.rmtree(folder_of(partial), ignore_errors=True)
     group = zarr.open_group(store=str(partial), mode="w")
