@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from micromae.errors import input_error
 
@@ -42,23 +44,65 @@ def _parse_ks(text: str | None, option: str = "--sweep") -> list[int]:
     return values
 
 
+@contextmanager
+def _world(device: str) -> Iterator[Any]:
+    """The torchrun process group when launched by ``torchrun`` (gloo on CPU, NCCL with one GPU per
+    ``LOCAL_RANK``), left at the end; alone otherwise."""
+    from micromae.segment.distributed import join_world, leave_world
+
+    info = join_world(device)
+    try:
+        yield info
+    finally:
+        leave_world(info)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from micromae.segment.pipeline import run_segment
 
-    run_segment(args.checkpoint, args.input, args.output, k=args.k, centres=args.centres,
-                sweep=_parse_ks(args.sweep), settings=_settings(args), n_samples=args.samples, seed=args.seed,
-                mask_path=args.mask, pca_dim=args.pca, axes=args.axes, key=args.key, device=args.device,
-                overwrite=args.overwrite)
+    with _world(args.device) as info:
+        run_segment(args.checkpoint, args.input, args.output, k=args.k, centres=args.centres,
+                    sweep=_parse_ks(args.sweep), settings=_settings(args), n_samples=args.samples, seed=args.seed,
+                    mask_path=args.mask, pca_dim=args.pca, axes=args.axes, key=args.key, device=args.device,
+                    overwrite=args.overwrite, keep_features=args.keep_features, world=info)
     return 0
 
 
+def _require(args: argparse.Namespace, *options: str) -> None:
+    for option in options:
+        if getattr(args, option.lstrip("-").replace("-", "_")) is None:
+            raise input_error(option, f"a value ({option} is needed without --features)", "none",
+                              f"Pass {option}, or --features SEG.zarr to re-cluster stored features")
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.features is not None:
+        from micromae.segment.recluster import recluster
+
+        given = [o for o in ("--checkpoint", "--input", "--mask")
+                 if getattr(args, o.lstrip("-")) is not None]
+        if given:
+            raise input_error(", ".join(given), "no encoder inputs with --features (re-clustering reads only the "
+                              "stored features)", "both", f"Drop {', '.join(given)}, or drop --features")
+        from micromae.segment.distributed import barrier, together
+
+        with _world("cpu") as info:  # under torchrun: rank 0 re-clusters, the others wait
+            with together(info):
+                if info.is_main:
+                    path = recluster(args.features, args.output, args.k, n_samples=args.samples, seed=args.seed,
+                                     tri_planar=True if args.tri_planar else None, overwrite=args.overwrite)
+                    print(f"wrote labels for k = {args.k} to {path}")
+            barrier(info)
+        return 0
     from micromae.segment.pipeline import run_cluster
 
-    path = run_cluster(args.checkpoint, args.input, args.output, k=args.k, settings=_settings(args),
-                       n_samples=args.samples, seed=args.seed, mask_path=args.mask, axes=args.axes, key=args.key,
-                       device=args.device, overwrite=args.overwrite)
-    print(f"wrote {args.k} centres to {path}")
+    _require(args, "--checkpoint", "--input")
+    with _world(args.device) as info:
+        path = run_cluster(args.checkpoint, args.input, args.output, k=args.k, settings=_settings(args),
+                           n_samples=args.samples, seed=args.seed, mask_path=args.mask, axes=args.axes,
+                           key=args.key, device=args.device, overwrite=args.overwrite, world=info)
+        if info.is_main:
+            print(f"wrote {args.k} centres to {path}")
     return 0
 
 
@@ -66,16 +110,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from micromae.segment.pipeline import run_embed
 
     slices = _parse_ks(args.slices, "--slices") if args.slices else None
-    path = run_embed(args.checkpoint, args.input, args.output, slices, _settings(args), args.axes, args.key,
-                     args.device, args.overwrite)
-    print(f"wrote pixel embeddings to {path}")
+    with _world(args.device) as info:
+        path = run_embed(args.checkpoint, args.input, args.output, slices, _settings(args), args.axes, args.key,
+                         args.device, args.overwrite, world=info)
+        if info.is_main:
+            print(f"wrote pixel embeddings to {path}")
     return 0
 
 
-def inference_options(q: argparse.ArgumentParser, volume: bool = True) -> None:
-    """The options every inference verb shares; ``volume``: also those of whole-volume verbs."""
-    q.add_argument("--checkpoint", required=True, help="pre-training checkpoint (RUN_DIR/checkpoints/last.pt)")
-    q.add_argument("--input", required=True, help="volume or image (.tif, .zarr, .h5:key, .npy)")
+def inference_options(q: argparse.ArgumentParser, volume: bool = True, required: bool = True) -> None:
+    """The options every inference verb shares; ``volume``: also those of whole-volume verbs; ``required``:
+    --checkpoint and --input are required by the parser (``cluster`` checks them itself: ``--features`` needs
+    neither)."""
+    q.add_argument("--checkpoint", required=required, help="pre-training checkpoint (RUN_DIR/checkpoints/last.pt)")
+    q.add_argument("--input", required=required, help="volume or image (.tif, .zarr, .h5:key, .npy)")
     q.add_argument("--axes", help="dimension order of the input, e.g. ZYX (default: metadata or rank)")
     q.add_argument("--key", help="HDF5 dataset or Zarr array inside the file")
     q.add_argument("--mode", choices=("exact", "fast"), default="exact",
@@ -113,15 +161,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--centres", help="reuse centres from micromae cluster (.npz) instead of fitting")
     p.add_argument("--sweep", help="also write labels_k<K> for these k, e.g. 4..10 (no extra encoder passes)")
     p.add_argument("--pca", type=int, default=0, metavar="D", help="also write D PCA components of the features")
+    p.add_argument("--keep-features", choices=("none", "pca", "full"), default="none",
+                   help="store per-voxel features so `micromae cluster --features` can relabel without the "
+                        "encoder: pca (D = --pca or 16 components, float16), full (the whole embedding, float16: "
+                        "2 x width bytes per voxel, for small volumes); with --tri-planar the per-axis features "
+                        "are kept so the fusion is redone (default none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("cluster", help="fit k-means centres on sampled pixel embeddings",
+    p = sub.add_parser("cluster", help="fit k-means centres on sampled pixel embeddings, or re-cluster stored "
+                                       "features",
                        description="Fit k-means on exact embeddings of randomly sampled pixels and save the "
                                    "centres (.npz with metadata) to label new data with micromae segment "
-                                   "--centres, without refitting.")
-    inference_options(p)
-    p.add_argument("--output", required=True, help="centres file (.npz)")
+                                   "--centres, without refitting. With --features SEG.zarr (a segmentation "
+                                   "written with --keep-features pca or full): relabel the whole volume from the "
+                                   "stored features, without the encoder, streaming in bounded memory; e.g. "
+                                   "micromae cluster --features seg.zarr --k 8 --output seg_k8.zarr")
+    inference_options(p, required=False)
+    p.add_argument("--features", help="re-cluster the features stored in this micromae segment output instead "
+                                      "(no --checkpoint / --input; --tri-planar: fuse its per-axis features)")
+    p.add_argument("--output", required=True, help="centres file (.npz), or with --features a Zarr group (.zarr)")
     p.add_argument("--k", type=int, default=6, help="number of clusters (default 6)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing centres file")
     p.set_defaults(func=cmd_cluster)

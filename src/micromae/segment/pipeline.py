@@ -21,6 +21,7 @@ from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
 from micromae.segment.cluster import ClusterModel
 from micromae.segment.cover_stride import embed_pixels_region
+from micromae.segment.distributed import DistInfo, barrier, broadcast, check_same, current_world, share, together
 from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_capacity, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
 from micromae.segment.volume import SegmentSettings, segment_volume
@@ -70,7 +71,7 @@ def encoder_on_device(checkpoint: str | Path, device: str = "auto") -> tuple[tor
     the file's SHA-256."""
     encoder, meta = load_encoder(checkpoint)
     check_volume_encoder(encoder, checkpoint, meta.config)
-    dev = resolve_device(device, option="--device")
+    dev = resolve_device(device, current_world().local_rank, option="--device")
     say(f"encoder from {checkpoint} on {dev}")
     return encoder.eval().to(dev), meta.config, meta.sha256
 
@@ -145,9 +146,9 @@ def fit_pca(sample: EmbeddingSample, dim: int, seed: int = 0) -> tuple[np.ndarra
 
 
 def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, n_samples: int, pca_dim: int,
-                       axes: Sequence[int]) -> int:
+                       axes: Sequence[int], keep_full: bool = False) -> int:
     """Upper bound on what ``micromae segment`` writes (uncompressed): labels per k, the tri-planar distance
-    arrays while they exist, PCA features and the sample."""
+    arrays while they exist, PCA features, the full features (``keep_full``) and the sample."""
     voxels = int(np.prod(shape))
     fused = len(axes) > 1
     total = sum(voxels * (1 if k <= 255 else 2) for k in ks)
@@ -155,6 +156,8 @@ def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, 
         total += sum(2 * k * voxels * len(axes) for k in ks)
     if pca_dim:
         total += 2 * pca_dim * voxels * (1 + (len(axes) if fused else 0))
+    if keep_full:
+        total += 2 * embed_dim * voxels * len(axes)
     return total + n_samples * (2 * embed_dim + 3 * 8)
 
 
@@ -169,7 +172,8 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                 n_samples: int = 200_000, seed: int = 0, mask_path: Any = None, pca_dim: int = 0,
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
                 overwrite: bool = False, save_sample: bool = True,
-                on_progress: Callable[[int, int], None] | None = None) -> Path:
+                on_progress: Callable[[int, int], None] | None = None, keep_features: str = "none",
+                world: DistInfo | None = None) -> Path:
     """``micromae segment``: label every voxel of ``input_path`` by k-means on exact pixel embeddings.
 
     The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
@@ -180,52 +184,38 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     the work goes to ``<output>.partial``, renamed to ``output`` only once labels, centres, sample and
     metadata are all written, so ``output`` is either absent or complete.
     ``on_progress(planes_done, planes_total)``: see :func:`~micromae.segment.volume.segment_volume`.
+    ``keep_features``: ``none``, ``pca`` (``pca_dim`` components, default 16 or the encoder's width) or
+    ``full``, stored for ``micromae cluster --features`` (see :func:`~micromae.segment.volume.segment_volume`).
+    Under an initialised process group (``torchrun``; ``world``) every rank calls this with the same
+    arguments: rank 0 samples and fits, every rank labels its share of the planes, and rank 0 writes the rest.
     """
     settings = settings or SegmentSettings()
-    check_settings(settings)
-    if k is not None:
-        check_ks([k])
-    check_ks(sweep, "--sweep")
-    at_least("--pca", pca_dim, 0)
-    if centres is not None and sweep:
-        raise input_error("--sweep", "no sweep when --centres is given", str(list(sweep)),
-                          "Drop --centres to fit new centres for each k")
-    output = check_output(output, overwrite=overwrite, suffixes=(".zarr",), folder=True)
-    main = ClusterModel.load(centres) if centres is not None else None
-    if main is not None and k is not None and k != main.k:
-        raise input_error("--k", f"the k of --centres '{centres}' ({main.k}) or no --k", str(k),
-                          f"Drop --k to label with those {main.k} centres, or drop --centres to fit k = {k}")
-    k = main.k if main is not None else (6 if k is None else k)
-    encoder, config, sha = encoder_on_device(checkpoint, device)
-    if main is not None and main.dim != encoder.embed_dim:
-        raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
-                          f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
-    volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
-    ks = sorted({k, *sweep})
-    if main is None:
-        n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
-        if pca_dim > min(encoder.embed_dim, n_samples):
-            raise input_error("--pca", f"0..{min(encoder.embed_dim, n_samples)} (the encoder's width, at most the "
-                              "sampled pixels)", str(pca_dim), "Pick a smaller --pca")
-    partial = output.with_name(output.name + ".partial")
-    if not partial.exists():  # a resumed run's space is mostly taken already
-        check_free_space(existing_ancestor(output, "--output"),
-                         segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
-                                            pca_dim if main is None else 0, settings.axes), "--output", output)
-    rng_range = volume_range(volume, config)
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
-            "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
+    info = world or current_world()
+    with together(info):
+        output, prep = _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings, n_samples, seed,
+                                        mask_path, pca_dim, axes, key, device, overwrite, keep_features)
+    encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim = prep
+    check_same(info, {"checkpoint": sha, "input": str(input_path) if not isinstance(input_path, np.ndarray) else
+                      "<array>", "shape": list(volume.shape), "range": list(rng_range), "settings": vars(settings),
+                      "ks": ks, "centres": None if main is None else main.centers.tobytes().hex(),
+                      "samples": n_samples, "seed": seed, "mask": str(mask_path), "pca": pca_dim,
+                      "keep_features": keep_features, "output": str(output)})
     sample = None
-    if main is not None:
-        if main.meta.get("checkpoint_sha256") not in (None, sha):
-            say("warning: these centres were fitted with another checkpoint")
-        models = {main.k: main}
-    else:
-        models, sample = fit_clusters(encoder, volume, ks, rng_range, n_samples, seed, mask, settings, meta)
-        main = models[k]
+    models: dict[int, ClusterModel] = {}
+    pca = None
+    with together(info):
+        if info.is_main:
+            if main is not None:
+                if main.meta.get("checkpoint_sha256") not in (None, sha):
+                    say("warning: these centres were fitted with another checkpoint")
+                models = {main.k: main}
+            else:
+                models, sample = fit_clusters(encoder, volume, ks, rng_range, n_samples, seed, mask, settings, meta)
+            pca = fit_pca(sample, pca_dim, seed) if (pca_dim and sample is not None) else None
+    models, pca = broadcast((models, pca), info)
+    k = main.k if main is not None else (6 if k is None else k)
+    main = models[k]
     clusters = {"labels": main, **{f"labels_k{kk}": m for kk, m in models.items() if kk != main.k}}
-    pca = fit_pca(sample, pca_dim, seed) if (pca_dim and sample is not None) else None
 
     def finish(group: zarr.Group) -> None:
         """Before the rename: the centres beside the output (atomically), the sample inside it."""
@@ -240,33 +230,96 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
             sub.create_array("coords", data=sample.coords, overwrite=True)
 
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
-                         overwrite=overwrite, finish=finish, on_progress=on_progress,
+                         overwrite=overwrite, finish=finish, on_progress=on_progress, keep_features=keep_features,
+                         world=info, progress=info.is_main,
                          metadata={"checkpoint_sha256": sha, "k": main.k,
                                    "input": str(input_path) if not isinstance(input_path, np.ndarray) else "<array>"})
-    say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''})")
+    if info.is_main:
+        say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''}"
+            f"{f'; {info.world_size} processes' if info.enabled else ''})")
     return out
+
+
+def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings, n_samples, seed, mask_path,
+                     pca_dim, axes, key, device, overwrite, keep_features):
+    """Everything :func:`run_segment` checks and loads before the first encoder pass (on every rank)."""
+    from micromae.segment.volume import KEEP_FEATURES
+
+    check_settings(settings)
+    if k is not None:
+        check_ks([k])
+    check_ks(sweep, "--sweep")
+    at_least("--pca", pca_dim, 0)
+    if keep_features not in KEEP_FEATURES:
+        raise input_error("--keep-features", " or ".join(KEEP_FEATURES), repr(keep_features), "Pick one")
+    if centres is not None and sweep:
+        raise input_error("--sweep", "no sweep when --centres is given", str(list(sweep)),
+                          "Drop --centres to fit new centres for each k")
+    if centres is not None and keep_features == "pca":
+        raise input_error("--keep-features pca", "a fitted sample to compute PCA on (no --centres)",
+                          f"--centres '{centres}'", "Drop --centres, or keep the full features (--keep-features full)")
+    output = check_output(output, overwrite=overwrite, suffixes=(".zarr",), folder=True)
+    main = ClusterModel.load(centres) if centres is not None else None
+    if main is not None and k is not None and k != main.k:
+        raise input_error("--k", f"the k of --centres '{centres}' ({main.k}) or no --k", str(k),
+                          f"Drop --k to label with those {main.k} centres, or drop --centres to fit k = {k}")
+    k = main.k if main is not None else (6 if k is None else k)
+    encoder, config, sha = encoder_on_device(checkpoint, device)
+    if main is not None and main.dim != encoder.embed_dim:
+        raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
+                          f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
+    volume = open_input_volume(input_path, axes, key)
+    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
+    ks = sorted({k, *sweep})
+    if keep_features == "pca" and not pca_dim:
+        pca_dim = min(16, encoder.embed_dim)
+    if main is None:
+        n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
+        if pca_dim > min(encoder.embed_dim, n_samples):
+            raise input_error("--pca", f"0..{min(encoder.embed_dim, n_samples)} (the encoder's width, at most the "
+                              "sampled pixels)", str(pca_dim), "Pick a smaller --pca")
+    partial = output.with_name(output.name + ".partial")
+    if not partial.exists():  # a resumed run's space is mostly taken already
+        check_free_space(existing_ancestor(output, "--output"),
+                         segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
+                                            pca_dim if main is None else 0, settings.axes,
+                                            keep_full=keep_features == "full"), "--output", output)
+    rng_range = volume_range(volume, config)
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
+            "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
+    return output, (encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim)
 
 
 def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: int = 6,
                 settings: SegmentSettings | None = None, n_samples: int = 200_000, seed: int = 0,
                 mask_path: Any = None, axes: str | None = None, key: str | None = None,
-                device: str = "auto", overwrite: bool = False) -> Path:
+                device: str = "auto", overwrite: bool = False, world: DistInfo | None = None) -> Path:
     """``micromae cluster``: fit k-means on exact pixel embeddings sampled from a volume (inside ``mask_path``
     when given) and save the centres with their metadata (refusing an existing ``output`` unless
-    ``overwrite``); returns the path written."""
+    ``overwrite``); returns the path written. Under a process group (``torchrun``) every rank checks that it
+    sees the same inputs; rank 0 samples, fits and writes (the same centres as one process), the others wait."""
     settings = settings or SegmentSettings()
-    check_settings(settings)
-    check_ks([k])
-    output = check_output(output, overwrite=overwrite, suffixes=(".npz",), folder=False)
-    encoder, config, sha = encoder_on_device(checkpoint, device)
-    volume = open_input_volume(input_path, axes, key)
-    mask = None if mask_path is None else open_input_volume(mask_path, check=False)
-    n_samples = check_sample(volume, mask, [k], n_samples, seed, settings)
+    info = world or current_world()
+    with together(info):
+        check_settings(settings)
+        check_ks([k])
+        output = check_output(output, overwrite=overwrite, suffixes=(".npz",), folder=False)
+        encoder, config, sha = encoder_on_device(checkpoint, device)
+        volume = open_input_volume(input_path, axes, key)
+        mask = None if mask_path is None else open_input_volume(mask_path, check=False)
+        n_samples = check_sample(volume, mask, [k], n_samples, seed, settings)
+        rng_range = volume_range(volume, config)
+    check_same(info, {"checkpoint": sha, "input": str(input_path), "shape": list(volume.shape), "range": rng_range,
+                      "settings": vars(settings), "k": k, "samples": n_samples, "seed": seed, "mask": str(mask_path),
+                      "output": str(output)})
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens}
-    models, _ = fit_clusters(encoder, volume, [k], volume_range(volume, config), n_samples, seed, mask, settings,
-                             meta)
-    return models[k].save(output)
+    with together(info):
+        if info.is_main:
+            models, _ = fit_clusters(encoder, volume, [k], rng_range, n_samples, seed, mask, settings, meta)
+            models[k].save(output)
+    barrier(info)
+    return output
 
 
 EMBED_SUFFIXES = (".npy", ".zarr", ".tif", ".tiff", ".h5", ".hdf5")
@@ -274,34 +327,51 @@ EMBED_SUFFIXES = (".npy", ".zarr", ".tif", ".tiff", ".h5", ".hdf5")
 
 def run_embed(checkpoint: str | Path, input_path: Any, output: str | Path, slices: Sequence[int] | None = None,
               settings: SegmentSettings | None = None, axes: str | None = None, key: str | None = None,
-              device: str = "auto", overwrite: bool = False) -> Path:
+              device: str = "auto", overwrite: bool = False, world: DistInfo | None = None) -> Path:
     """``micromae embed``: exact pixel embeddings of some Z slices (default: all) → .npy / .zarr / .tif.
 
     The array written is (D, S, H, W) float32 (axes CZYX: the embedding dimensions are the channels).
 
     Meant for images and a few slices: a whole volume's features are 4·D bytes per voxel (``micromae segment``
-    never stores them).
+    never stores them). Under a process group (``torchrun``) the slices are shared out and rank 0 gathers
+    and writes them.
     """
     settings = settings or SegmentSettings()
-    check_settings(settings)
-    output = check_output(output, overwrite=overwrite, suffixes=EMBED_SUFFIXES)
-    encoder, config, _ = encoder_on_device(checkpoint, device)
-    volume = open_input_volume(input_path, axes, key)
-    n_z = int(volume.shape[0])
-    index = list(range(n_z)) if slices is None else list(slices)
-    outside = [z for z in index if not 0 <= z < n_z]
-    if outside or not index:
-        raise input_error("--slices", f"Z slices in 0..{n_z - 1}", ", ".join(map(str, outside)) or "none",
-                          f"Pick slices of the input (it has {n_z})")
-    need = 4 * encoder.embed_dim * len(index) * int(volume.shape[1]) * int(volume.shape[2])
-    check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
-    rng_range = volume_range(volume, config)
-    feats = []
-    for z in index:
-        plane = PlaneView(volume, 0, z)
-        h, w = plane.shape
-        f = embed_pixels_region(encoder, plane, 0, 0, h, w, settings.central_tokens, settings.mode,
-                                settings.pad_mode, settings.batch_size, device="cpu", amp=settings.amp,
-                                intensity_range=rng_range)
-        feats.append(f.numpy())
-    return write_array(output, np.stack(feats, axis=1), axes="CZYX", overwrite=overwrite)
+    info = world or current_world()
+    with together(info):
+        check_settings(settings)
+        output = check_output(output, overwrite=overwrite, suffixes=EMBED_SUFFIXES)
+        encoder, config, sha = encoder_on_device(checkpoint, device)
+        volume = open_input_volume(input_path, axes, key)
+        n_z = int(volume.shape[0])
+        index = list(range(n_z)) if slices is None else list(slices)
+        outside = [z for z in index if not 0 <= z < n_z]
+        if outside or not index:
+            raise input_error("--slices", f"Z slices in 0..{n_z - 1}", ", ".join(map(str, outside)) or "none",
+                              f"Pick slices of the input (it has {n_z})")
+        need = 4 * encoder.embed_dim * len(index) * int(volume.shape[1]) * int(volume.shape[2])
+        check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
+        rng_range = volume_range(volume, config)
+    check_same(info, {"checkpoint": sha, "input": str(input_path), "shape": list(volume.shape), "range": rng_range,
+                      "settings": vars(settings), "slices": index, "output": str(output)})
+    feats = {}
+    with together(info):
+        for i in share(range(len(index)), info):
+            plane = PlaneView(volume, 0, index[i])
+            h, w = plane.shape
+            feats[i] = embed_pixels_region(encoder, plane, 0, 0, h, w, settings.central_tokens, settings.mode,
+                                           settings.pad_mode, settings.batch_size, device="cpu", amp=settings.amp,
+                                           intensity_range=rng_range).numpy()
+    if info.enabled:
+        import torch.distributed as dist
+
+        parts: list | None = [None] * info.world_size if info.is_main else None
+        dist.gather_object(feats, parts, dst=0)
+        if info.is_main:
+            feats = {i: f for part in parts for i, f in part.items()}
+    with together(info):
+        if info.is_main:
+            write_array(output, np.stack([feats[i] for i in range(len(index))], axis=1), axes="CZYX",
+                        overwrite=overwrite)
+    barrier(info)
+    return output

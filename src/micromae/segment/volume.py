@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +34,11 @@ import micromae
 from micromae.errors import input_error
 from micromae.segment.cluster import ClusterModel
 from micromae.segment.cover_stride import block_size, embed_pixels_region
+from micromae.segment.distributed import (DistInfo, DoneRecords, barrier, check_same, current_world, folder_of,
+                                          share, together)
 from micromae.segment.planes import PlaneView, check_axis, plane_index, plane_shape
+
+KEEP_FEATURES = ("none", "pca", "full")
 
 
 @dataclass
@@ -78,7 +83,15 @@ def _open_partial(partial: Path, key: str, resume: bool) -> zarr.Group | None:
     if group.attrs.get("settings_key") == key and resume:
         return group
     shutil.rmtree(partial)  # left by a run with other settings (or resume off): start again
+    shutil.rmtree(folder_of(partial), ignore_errors=True)
     return None
+
+
+def feature_array(kind: str, axis: int | None) -> str:
+    """Name of a stored feature array: ``features_pca`` / ``features`` (full embedding), with ``_axis<A>`` for
+    one slicing axis of a tri-planar run."""
+    base = "features_pca" if kind == "pca" else "features"
+    return base if axis is None else f"{base}_axis{axis}"
 
 
 def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, clusters: dict[str, ClusterModel],
@@ -86,7 +99,8 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                    pca: tuple[np.ndarray, np.ndarray] | None = None, resume: bool = True, overwrite: bool = False,
                    progress: bool = True, metadata: dict[str, Any] | None = None,
                    finish: Callable[[zarr.Group], None] | None = None,
-                   on_progress: Callable[[int, int], None] | None = None) -> Path:
+                   on_progress: Callable[[int, int], None] | None = None, keep_features: str = "none",
+                   world: DistInfo | None = None) -> Path:
     """Label every voxel of ``volume`` (Z, Y, X) and write the Zarr group ``out_path``.
 
     clusters: output array name → cluster model, e.g. ``{"labels": k6, "labels_k4": k4}``.
@@ -97,8 +111,21 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
     on_progress: called as ``on_progress(planes_done, planes_total)`` after each finished plane (all slicing
     axes counted, planes done by an interrupted run included); an exception it raises stops the run, leaving
     ``<out>.partial`` to resume from (how the napari widget cancels).
+    keep_features: ``none``; ``pca`` (needs ``pca``: the reduced features, and with tri-planar axes also the
+    per-axis ones, ``features_pca_axis<A>``, so the fusion can be redone); ``full`` (the whole embedding,
+    float16 ``features`` (D, Z, Y, X), or ``features_axis<A>`` per axis: 2·D bytes per voxel and axis, for
+    small volumes). ``micromae cluster --features`` relabels from them (:mod:`micromae.segment.recluster`).
+    world: the process group to share the planes with (default: the initialised one, if any; see
+    :mod:`micromae.segment.distributed`). Every rank calls this with the same arguments; rank 0 alone writes
+    the metadata, calls ``finish`` and renames, after every rank has finished.
     """
     settings = settings or SegmentSettings()
+    info = world or current_world()
+    if keep_features not in KEEP_FEATURES:
+        raise input_error("--keep-features", " or ".join(KEEP_FEATURES), repr(keep_features), "Pick one")
+    if keep_features == "pca" and pca is None:
+        raise input_error("--keep-features pca", "PCA components to reduce the features with (--pca D)",
+                          "none", "Pass --pca D, or --keep-features full")
     out_path = Path(out_path)
     if "labels" not in clusters:
         raise input_error("clusters", "a model named 'labels'", ", ".join(clusters) or "none",
@@ -108,48 +135,103 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                           "Choose another --output or pass --overwrite")
     axes = tuple(check_axis(a) for a in settings.axes)
     shape = tuple(int(s) for s in volume.shape)
-    key = _settings_key(shape, settings, clusters, pca, {"metadata": metadata or {}})
+    key = _settings_key(shape, settings, clusters, pca, {"metadata": metadata or {}, "keep": keep_features})
     partial = out_path.with_name(out_path.name + ".partial")
-    group = _open_partial(partial, key, resume)
     tile = _tile_side(encoder, settings)
     fused = len(axes) > 1
-    if group is None:
-        group = zarr.open_group(store=str(partial), mode="w")
-        for name, model in clusters.items():
-            group.create_array(name, shape=shape, dtype=_label_dtype(model.k), chunks=_chunks(shape, axes[0], tile),
-                               fill_value=0)
-            for a in axes if fused else ():
-                group.create_array(f"dist_{name}_axis{a}", shape=(model.k, *shape), dtype="float16",
-                                   chunks=(model.k, *_chunks(shape, a, tile)), fill_value=0)
-        if pca is not None:
-            for a in axes:
-                arr = "features_pca" if not fused else f"features_pca_axis{a}"
-                group.create_array(arr, shape=(pca[1].shape[0], *shape), dtype="float16",
-                                   chunks=(pca[1].shape[0], *_chunks(shape, a, tile)), fill_value=0)
-        group.attrs.update({"settings_key": key, "done": {}, "micromae_version": micromae.__version__})
+    check_same(info, {"settings": key, "intensity_range": list(intensity_range), "output": str(out_path),
+                      "tile": tile, "resume": resume})
+    with together(info):
+        if info.is_main:
+            group = _create_partial(partial, key, resume, clusters, shape, axes, tile, fused, pca, encoder.embed_dim,
+                                    keep_features)
+            DoneRecords(partial, group.attrs["run_id"], info).merge(group)
+    barrier(info)
+    if not info.is_main:
+        group = zarr.open_group(store=str(partial), mode="a")
+    records = DoneRecords(partial, group.attrs["run_id"], info)
+    done = {int(a): set(v) for a, v in group.attrs.get("done", {}).items()}
     total = sum(shape[a] for a in axes)
-    finished = [sum(len(group.attrs.get("done", {}).get(str(a), [])) for a in axes)]
+    finished = [sum(len(done.get(a, ())) for a in axes)]
 
     def plane_done() -> None:
         finished[0] += 1
         if on_progress is not None:
             on_progress(finished[0], total)
 
-    plan = AxisPass(clusters, intensity_range, settings, pca, tile, fused, progress, plane_done)
-    for a in axes:
-        _run_axis(encoder, volume, group, a, plan)
-    if fused:
-        _fuse(group, clusters, pca, axes, shape, tile, progress)
-    group.attrs.update({
-        "axes": "ZYX", "settings": {**asdict(settings), "axes": list(axes)}, "intensity_range": list(intensity_range),
-        "clusters": {name: m.meta for name, m in clusters.items()}, **(metadata or {}),
-    })
-    if finish is not None:
-        finish(group)
-    if out_path.exists():
-        shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
-    partial.rename(out_path)
+    plan = AxisPass(clusters, intensity_range, settings, pca, tile, fused, progress, plane_done,
+                    keep_full=keep_features == "full", done=done, share=lambda todo: share(todo, info),
+                    record=records.record)
+    with together(info):
+        for a in axes:
+            _run_axis(encoder, volume, group, a, plan)
+    barrier(info)
+    if fused and not group.attrs.get("fused"):
+        with together(info):
+            _fuse(group, clusters, pca, axes, shape, progress, share(range(shape[0]), info))
+        barrier(info)
+    with together(info):
+        if info.is_main:
+            if fused:
+                _drop_axis_arrays(group, clusters, pca, axes, keep_features)
+            records.merge(group)
+            group.attrs.update({
+                "axes": "ZYX", "settings": {**asdict(settings), "axes": list(axes)},
+                "intensity_range": list(intensity_range), "clusters": {name: m.meta for name, m in clusters.items()},
+                "features": _features_record(keep_features, pca, axes), **(metadata or {}),
+            })
+            if finish is not None:
+                finish(group)
+            if out_path.exists():
+                shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
+            partial.rename(out_path)
+    barrier(info)
     return out_path
+
+
+def _create_partial(partial: Path, key: str, resume: bool, clusters: dict[str, ClusterModel], shape: tuple[int, ...],
+                    axes: tuple[int, ...], tile: int, fused: bool, pca: tuple[np.ndarray, np.ndarray] | None,
+                    embed_dim: int, keep_features: str) -> zarr.Group:
+    """The ``<out>.partial`` group to work in: the one an interrupted run with the same settings left, or a
+    new one with every array (one plane thick along its slicing axis, so ranks write disjoint chunks)."""
+    group = _open_partial(partial, key, resume)
+    if group is not None:
+        if "run_id" not in group.attrs:  # left by an older micromae, which kept its done planes in the attrs
+            group.attrs["run_id"] = uuid.uuid4().hex
+        return group
+    shutil.rmtree(folder_of(partial), ignore_errors=True)
+    group = zarr.open_group(store=str(partial), mode="w")
+    for name, model in clusters.items():
+        group.create_array(name, shape=shape, dtype=_label_dtype(model.k), chunks=_chunks(shape, axes[0], tile),
+                           fill_value=0)
+        for a in axes if fused else ():
+            group.create_array(f"dist_{name}_axis{a}", shape=(model.k, *shape), dtype="float16",
+                               chunks=(model.k, *_chunks(shape, a, tile)), fill_value=0)
+    if fused and pca is not None:  # the fused (mean) PCA features, one Z slice thick: ranks fuse disjoint slices
+        group.create_array("features_pca", shape=(pca[1].shape[0], *shape), dtype="float16",
+                           chunks=(pca[1].shape[0], *_chunks(shape, 0, tile)), fill_value=0)
+    kinds = (["pca"] if pca is not None else []) + (["full"] if keep_features == "full" else [])
+    for kind in kinds:
+        dim = pca[1].shape[0] if kind == "pca" else embed_dim
+        for a in axes:
+            group.create_array(feature_array(kind, a if fused else None), shape=(dim, *shape), dtype="float16",
+                               chunks=(dim, *_chunks(shape, a, tile)), fill_value=0)
+    group.attrs.update({"settings_key": key, "done": {}, "run_id": uuid.uuid4().hex,
+                        "micromae_version": micromae.__version__})
+    return group
+
+
+def _features_record(keep_features: str, pca: tuple[np.ndarray, np.ndarray] | None, axes: tuple[int, ...]
+                     ) -> dict[str, Any] | None:
+    """What ``micromae cluster --features`` can relabel from: the stored feature arrays (per axis, to redo the
+    tri-planar fusion, or one array) and their kind."""
+    fused = len(axes) > 1
+    if keep_features == "none" and pca is None:
+        return None
+    kind = "pca" if keep_features == "none" else keep_features
+    if fused and keep_features != "none":
+        return {"kind": kind, "per_axis": True, "arrays": [feature_array(kind, a) for a in axes]}
+    return {"kind": kind, "per_axis": False, "arrays": [feature_array(kind, None)]}
 
 
 def _chunks(shape: tuple[int, ...], axis: int, tile: int) -> tuple[int, ...]:
@@ -175,6 +257,10 @@ class AxisPass:
     fused: bool
     progress: bool
     plane_done: Callable[[], None] | None = None
+    keep_full: bool = False  # also write the whole embedding (features / features_axis<A>)
+    done: dict[int, set[int]] | None = None  # axis → planes finished by earlier runs
+    share: Callable[[list[int]], list[int]] = list  # this rank's part of the planes still to do
+    record: Callable[[int, int], None] | None = None  # (axis, plane) finished
 
 
 def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, plan: AxisPass) -> None:
@@ -182,14 +268,15 @@ def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, pla
 
     Per tile, features ``(D, th, tw)`` become labels ``(th, tw)`` in ``group[name]`` (or, ``fused``, squared
     distances ``(k, th, tw)`` in ``group["dist_<name>_axis<axis>"]``) and, with ``pca``, reduced features in
-    ``features_pca``. Finished planes are recorded in ``group.attrs["done"]`` so an interrupted run resumes.
+    ``features_pca``. Only this rank's share of the planes not in ``plan.done`` is done; each finished plane
+    goes to ``plan.record`` so an interrupted run resumes.
     """
     clusters, intensity_range, settings, pca = plan.clusters, plan.intensity_range, plan.settings, plan.pca
     tile, fused, progress = plan.tile, plan.fused, plan.progress
-    done = set(group.attrs.get("done", {}).get(str(axis), []))
+    done = (plan.done or {}).get(axis, set())
     shape = tuple(int(s) for s in volume.shape)
     height, width = plane_shape(shape, axis)
-    todo = [i for i in range(shape[axis]) if i not in done]
+    todo = plan.share([i for i in range(shape[axis]) if i not in done])
     bar = tqdm(todo, desc=f"segment along {'ZYX'[axis]}", unit="plane", disable=not progress or not todo)
     for index in bar:
         plane = PlaneView(volume, axis, index)
@@ -211,12 +298,13 @@ def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, pla
                         group[name][plane_index(axis, index, rows, cols)] = lab.astype(group[name].dtype)
                 if pca is not None:
                     red = _project(flat, pca).T.reshape(-1, th, tw)
-                    arr = f"features_pca_axis{axis}" if fused else "features_pca"
+                    arr = feature_array("pca", axis if fused else None)
                     group[arr][(slice(None), *plane_index(axis, index, rows, cols))] = red.astype(np.float16)
-        done.add(index)
-        all_done = dict(group.attrs.get("done", {}))
-        all_done[str(axis)] = sorted(done)
-        group.attrs["done"] = all_done
+                if plan.keep_full:
+                    group[feature_array("full", axis if fused else None)][
+                        (slice(None), *plane_index(axis, index, rows, cols))] = feats.cpu().numpy().astype(np.float16)
+        if plan.record is not None:
+            plan.record(axis, index)
         if plan.plane_done is not None:
             plan.plane_done()
 
@@ -227,24 +315,26 @@ def _project(flat: torch.Tensor, pca: tuple[np.ndarray, np.ndarray]) -> np.ndarr
     return ((flat.float() - mean) @ comps.T).cpu().numpy()
 
 
-def _fuse(group, clusters, pca, axes, shape, tile, progress):
-    """Tri-planar fusion, Z slab by Z slab: argmin of summed squared distances; mean of PCA features."""
-    if group.attrs.get("fused"):
-        return
-    if pca is not None and "features_pca" not in group:
-        group.create_array("features_pca", shape=(pca[1].shape[0], *shape), dtype="float16",
-                           chunks=(pca[1].shape[0], 1, *shape[1:]), fill_value=0)
-    for z in tqdm(range(shape[0]), desc="fuse planes", unit="slice", disable=not progress):
+def _fuse(group, clusters, pca, axes, shape, progress, zs):
+    """Tri-planar fusion of Z slices ``zs`` (this rank's share): argmin of summed squared distances; mean of PCA
+    features. The mean features array is made by rank 0 with the others (:func:`_create_partial`)."""
+    for z in tqdm(zs, desc="fuse planes", unit="slice", disable=not progress):
         for name in clusters:
             total = sum(np.asarray(group[f"dist_{name}_axis{a}"][:, z], dtype=np.float32) for a in axes)
             group[name][z] = total.argmin(0).astype(group[name].dtype)
         if pca is not None:
             mean = sum(np.asarray(group[f"features_pca_axis{a}"][:, z], dtype=np.float32) for a in axes) / len(axes)
             group["features_pca"][:, z] = mean.astype(np.float16)
+
+
+def _drop_axis_arrays(group, clusters, pca, axes, keep_features):
+    """(rank 0, after the fusion) the per-axis distances, and the per-axis features unless they are kept."""
     for name in clusters:
         for a in axes:
-            del group[f"dist_{name}_axis{a}"]
-    if pca is not None:
+            if f"dist_{name}_axis{a}" in group:
+                del group[f"dist_{name}_axis{a}"]
+    if pca is not None and keep_features != "pca":
         for a in axes:
-            del group[f"features_pca_axis{a}"]
+            if feature_array("pca", a) in group:
+                del group[feature_array("pca", a)]
     group.attrs["fused"] = True

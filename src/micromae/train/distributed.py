@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
+def init_distributed(device_spec: str = "auto", timeout: datetime.timedelta | None = None
+                     ) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else run alone.
+    ``timeout``: how long a collective waits for the slowest rank (torch's default when None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,7 +46,7 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return info, device
 
 
