@@ -16,6 +16,7 @@ import zarr
 from micromae.data.normalize import intensity_range
 from micromae.errors import at_least, input_error
 from micromae.io import check_free_space, check_output, open_volume, write_array
+from micromae.io import omezarr
 from micromae.io.preflight import existing_ancestor
 from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
@@ -159,9 +160,10 @@ def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, 
 
 
 def centres_path(output: str | Path, k: int) -> Path:
-    """Where ``micromae segment --output OUT`` writes the k-means centres for ``k``: beside OUT."""
+    """Where ``micromae segment --output OUT`` writes the k-means centres for ``k``: beside OUT
+    (``seg_centres_k6.npz`` for ``seg.ome.zarr`` and ``seg.zarr``)."""
     output = Path(output)
-    return output.with_name(f"{output.stem}_centres_k{k}.npz")
+    return output.with_name(f"{omezarr.output_stem(output)}_centres_k{k}.npz")
 
 
 def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: int | None = None,
@@ -169,10 +171,16 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                 n_samples: int = 200_000, seed: int = 0, mask_path: Any = None, pca_dim: int = 0,
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
                 overwrite: bool = False, save_sample: bool = True,
-                on_progress: Callable[[int, int], None] | None = None) -> Path:
+                on_progress: Callable[[int, int], None] | None = None,
+                voxel_size: Sequence[float] | None = None, image_copy: bool = True,
+                pyramid_min_side: int = omezarr.PYRAMID_MIN_SIDE) -> Path:
     """``micromae segment``: label every voxel of ``input_path`` by k-means on exact pixel embeddings.
 
-    The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
+    An ``output`` ending in ``.ome.zarr`` is an OME-Zarr v0.5 image (:mod:`micromae.io.omezarr`): label images
+    ``labels/clusters`` and ``labels/clusters_k<K>`` for each k of ``sweep`` (pyramids down to
+    ``pyramid_min_side`` pixels, one colour and name per cluster), with ``image_copy`` the input as its image,
+    and the voxel size ``voxel_size`` (Z, Y, X micrometres; default: the input's OME metadata, if any). Any
+    other ``.zarr`` is a plain Zarr group holding ``labels`` and ``labels_k<K>``. Both hold, optionally,
     ``features_pca``, and ``sample/features`` + ``sample/coords`` (the pixels k-means was fitted on, for the
     UMAP figure of ``micromae evaluate segmentation``); ``<stem>_centres_k<K>.npz`` files are written beside it.
     ``k``: clusters (default 6, or the k of ``centres``). Everything is checked before the first encoder pass
@@ -191,6 +199,9 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
         raise input_error("--sweep", "no sweep when --centres is given", str(list(sweep)),
                           "Drop --centres to fit new centres for each k")
     output = check_output(output, overwrite=overwrite, suffixes=(".zarr",), folder=True)
+    ome = omezarr.is_ome_path(output)
+    voxel_size = omezarr.parse_voxel_size(voxel_size)
+    at_least("pyramid_min_side", pyramid_min_side, 1)
     main = ClusterModel.load(centres) if centres is not None else None
     if main is not None and k is not None and k != main.k:
         raise input_error("--k", f"the k of --centres '{centres}' ({main.k}) or no --k", str(k),
@@ -201,6 +212,8 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
         raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
                           f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
     volume = open_input_volume(input_path, axes, key)
+    if voxel_size is None:
+        voxel_size = omezarr.voxel_size_of(input_path)
     mask = None if mask_path is None else open_input_volume(mask_path, check=False)
     ks = sorted({k, *sweep})
     if main is None:
@@ -224,7 +237,11 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     else:
         models, sample = fit_clusters(encoder, volume, ks, rng_range, n_samples, seed, mask, settings, meta)
         main = models[k]
-    clusters = {"labels": main, **{f"labels_k{kk}": m for kk, m in models.items() if kk != main.k}}
+    if ome:
+        names = {kk: omezarr.level_path(omezarr.label_name(kk, main.k)) for kk in models}
+    else:
+        names = {kk: "labels" if kk == main.k else f"labels_k{kk}" for kk in models}
+    clusters = {names[main.k]: main, **{names[kk]: m for kk, m in models.items() if kk != main.k}}
     pca = fit_pca(sample, pca_dim, seed) if (pca_dim and sample is not None) else None
 
     def finish(group: zarr.Group) -> None:
@@ -238,10 +255,14 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
             sub = group.require_group("sample")
             sub.create_array("features", data=sample.features.astype(np.float16), overwrite=True)
             sub.create_array("coords", data=sample.coords, overwrite=True)
+        if ome:
+            omezarr.finish_segmentation(group, volume, {omezarr.label_name(kk, main.k): m.k for kk, m in models.items()},
+                                        voxel_size, image=image_copy, min_side=pyramid_min_side)
 
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
-                         overwrite=overwrite, finish=finish, on_progress=on_progress,
-                         metadata={"checkpoint_sha256": sha, "k": main.k,
+                         overwrite=overwrite, finish=finish, on_progress=on_progress, main=names[main.k],
+                         metadata={"checkpoint_sha256": sha, "k": main.k, "format": "ome-zarr" if ome else "zarr",
+                                   "voxel_size": list(voxel_size) if voxel_size is not None else None,
                                    "input": str(input_path) if not isinstance(input_path, np.ndarray) else "<array>"})
     say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''})")
     return out
