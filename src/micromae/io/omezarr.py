@@ -245,11 +245,12 @@ def label_colours(n: int, start: int = 0, background: int | None = None) -> list
 
 def write_label_image(root: zarr.Group, name: str, properties: Sequence[dict[str, Any]],
                       voxel_size: Sequence[float] | None, background: int | None = None,
-                      min_side: int = PYRAMID_MIN_SIDE) -> list[str]:
+                      min_side: int = PYRAMID_MIN_SIDE, folder: str | None = None) -> list[str]:
     """Pyramid (nearest neighbour) and ``image-label`` metadata of ``labels/<name>`` whose level 0 exists;
     ``properties``: one dict per label value (``label-value``, ``name``, ...); the name is listed in
-    ``labels``'s ``ome.labels``. Returns the level paths."""
-    group = root[f"labels/{name}"]
+    ``labels``'s ``ome.labels``. With ``folder`` the image is built in ``labels/<folder>`` and not listed (to
+    be renamed to ``name`` and listed by :func:`register_label` once complete). Returns the level paths."""
+    group = root[f"labels/{folder or name}"]
     factors = pyramid_factors(group["0"].shape, voxel_size, min_side)
     paths = build_pyramid(group, "", factors, "nearest")
     values = [int(p["label-value"]) for p in properties]
@@ -257,10 +258,16 @@ def write_label_image(root: zarr.Group, name: str, properties: Sequence[dict[str
     image_label = {"colors": [colours[v] for v in values], "properties": list(properties),
                    "source": {"image": "../../"}}
     group.attrs["ome"] = _multiscale_attrs(group, paths, voxel_size, factors, name, "nearest", image_label)
+    if folder is None:
+        register_label(root, name)
+    return paths
+
+
+def register_label(root: zarr.Group, name: str) -> None:
+    """List ``name`` in ``labels``'s ``ome.labels`` (once)."""
     labels = root["labels"]
     listed = list(dict(labels.attrs.get("ome") or {}).get("labels", []))
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*(n for n in listed if n != name), name]}
-    return paths
 
 
 def write_image_copy(root: zarr.Group, volume: Any, voxel_size: Sequence[float] | None, chunks: Sequence[int],
