@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output: seg.ome.zarr writes OME-Zarr v0.5 (label images with pyramids, the image, voxel "
                         "sizes: opens in napari, Fiji, neuroglancer); any other name ending in .zarr a plain "
                         "Zarr group (labels, labels_k<K> at its root)")
-    p.add_argument("--voxel-size", nargs="+", metavar=("Z", "Y", "X"),
+    p.add_argument("--voxel-size", nargs="+", metavar="SIZE",
                    help="voxel size in micrometres, Z Y X (default: the input's OME-TIFF / OME-Zarr metadata)")
     p.add_argument("--no-image", action="store_true",
                    help="OME-Zarr: do not copy the input image into the output (the labels only)")

@@ -30,8 +30,9 @@ import zarr
 
 from micromae.config import PretrainConfig, apply_overrides, load_config, resolve_config
 from micromae.errors import input_error
+from micromae.evaluate.classes import run_label_clusters
 from micromae.evaluate.metrics import contingency, evaluate_table
-from micromae.io import write_array
+from micromae.io import omezarr, write_array
 from micromae.models.pretrained import read_encoder_weights
 from micromae.segment.pipeline import run_segment
 from micromae.segment.volume import SegmentSettings
@@ -149,8 +150,8 @@ def segment_image(report: Report, image: Any, checkpoint: str | Path, k: int = 6
                           device=device, overwrite=overwrite,
                           on_progress=lambda done, total: report(done, total, f"plane {done} of {total}"))
         group = zarr.open_group(store=str(out), mode="a")
-        labels = np.asarray(group["labels"][:])
-        if output is not None:
+        labels = np.asarray(omezarr.label_arrays(group)["main"][:])
+        if output is not None and not omezarr.is_ome_path(out):  # an OME-Zarr output holds the image already
             group.create_array("image", data=volume, overwrite=True)
             if scale is not None:
                 full = [1.0] * (3 - len(scale)) + [float(s) for s in scale]
@@ -197,6 +198,11 @@ def save_classes(path: str | Path, source_array: str, classes: np.ndarray, class
     arrays under a temporary name and renamed, so a failure never leaves half a ``classes``."""
     path = Path(path)
     group = zarr.open_group(store=str(path), mode="a")
+    if omezarr.is_ome_segmentation(group):  # OME-Zarr: the class label image of micromae label-clusters
+        label = source_array.split("/")[1] if source_array.startswith("labels/") else omezarr.MAIN_LABELS
+        k = int(label[len(omezarr.MAIN_LABELS) + 2:]) if label != omezarr.MAIN_LABELS else None
+        named = {int(c): n.strip() for c, n in names.items() if (n or "").strip()}
+        return run_label_clusters(path, names=named, k=k)
     if source_array not in group.array_keys():
         raise input_error(f"segmentation '{path}'", f"an array '{source_array}'",
                           f"arrays {sorted(group.array_keys())}", "Name the clusters of a layer read from this file")
