@@ -2,7 +2,8 @@
 
 An OME-Zarr output (``seg.ome.zarr``, :mod:`micromae.io.omezarr`) gives multiscale layers: the image pyramid
 (``0``, ``1``, ...), each label image of ``labels/`` (``clusters``, ``clusters_k<K>``, ``classes`` with the
-class names of its ``image-label`` metadata) and the voxel size of its metadata. In a plain group, what it holds (see :mod:`micromae.segment.volume` and :mod:`micromae.segment.pipeline`):
+class names of its ``image-label`` metadata) and the voxel size of its metadata. In a plain group, what it
+holds (see :mod:`micromae.segment.volume` and :mod:`micromae.segment.pipeline`):
 ``labels`` (the main k, cluster ids ``0..k-1``), ``labels_k<K>`` (a sweep), ``classes`` (written by the
 Name clusters widget: ``0`` unnamed, ``1..n`` the class names in the attribute ``class_names``), optionally
 ``image`` (the input, stored by the Segment widget), ``sample/`` and ``features_pca`` (not shown). The

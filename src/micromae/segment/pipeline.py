@@ -256,8 +256,8 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
             sub.create_array("features", data=sample.features.astype(np.float16), overwrite=True)
             sub.create_array("coords", data=sample.coords, overwrite=True)
         if ome:
-            omezarr.finish_segmentation(group, volume, {omezarr.label_name(kk, main.k): m.k for kk, m in models.items()},
-                                        voxel_size, image=image_copy, min_side=pyramid_min_side)
+            ks = {omezarr.label_name(kk, main.k): m.k for kk, m in models.items()}
+            omezarr.finish_segmentation(group, volume, ks, voxel_size, image=image_copy, min_side=pyramid_min_side)
 
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
                          overwrite=overwrite, finish=finish, on_progress=on_progress, main=names[main.k],
