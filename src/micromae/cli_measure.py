@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("seg", help="an OME-Zarr segmentation with named classes (micromae label-clusters)")
     p.add_argument("--out", required=True, help="instances CSV (the summary goes beside it)")
     p.add_argument("--cells", help="cell mask (nonzero inside) or cell instance volume of the same shape")
-    p.add_argument("--slab", type=int, default=16, help="Z planes read at a time (default 16)")
+    p.add_argument("--slab", type=int, default=None,
+                   help="Z planes read at a time (default: up to 16, fewer when planes are large)")
     p.add_argument("--overwrite", action="store_true", help="replace existing CSV files")
     p.set_defaults(func=cmd_measure)

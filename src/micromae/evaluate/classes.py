@@ -125,8 +125,8 @@ def open_ome_segmentation(path: str | Path, mode: str = "r") -> zarr.Group:
 
 
 def run_label_clusters(seg: str | Path, names: str | dict[int, str] | None = None,
-                       from_report: str | Path | None = None, mapping: str = "hungarian", k: int | None = None,
-                       slab: int = 16) -> Path:
+                       from_report: str | Path | None = None, mapping: str = "hungarian", k: int | None = None
+                       ) -> Path:
     """Write ``labels/classes`` into the OME-Zarr segmentation ``seg`` from cluster names (``names``:
     ``"0=cytoplasm,3=nucleus"`` or a dict) or from an evaluation report; ``k``: name the clusters of that k
     of a sweep (default the main k). Returns the class image's path."""
@@ -148,6 +148,7 @@ def run_label_clusters(seg: str | Path, names: str | dict[int, str] | None = Non
     base = levels[0]
     out = labels.create_array(f"{tmp}/0", shape=base.shape, dtype=lut.dtype, chunks=base.chunks, fill_value=0,
                               dimension_names=omezarr.AXES)
+    slab = omezarr.slab_planes(base.shape, 2 * np.dtype(base.dtype).itemsize + lut.dtype.itemsize)
     for z in range(0, base.shape[0], slab):
         out[z: z + slab] = lut[np.asarray(base[z: z + slab])]
     props = [{"label-value": i, "name": name, **({"clusters": members[name]} if i else {})}

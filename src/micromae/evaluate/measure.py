@@ -28,7 +28,7 @@ from skimage.measure import marching_cubes, mesh_surface_area
 from micromae.errors import at_least, input_error
 from micromae.evaluate.classes import class_names_of, classes_volume, open_ome_segmentation
 from micromae.io import check_output, open_volume, write_files_atomically
-from micromae.io.omezarr import store_voxel_size
+from micromae.io.omezarr import slab_planes, store_voxel_size
 from micromae.runtime import say
 
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: faces, edges and corners
@@ -140,15 +140,18 @@ def _open_cells(cells: str | Path | None, shape: tuple[int, ...]) -> Any:
 
 
 def measure_instances(classes: Any, names: dict[int, str], voxel_size: tuple[float, float, float] | None = None,
-                      cells: Any = None, slab: int = 16) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                      cells: Any = None, slab: int | None = None
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Instances of each named class of ``classes`` (Z, Y, X; ``0`` = unnamed) and the per-class summary.
 
     ``cells``: a cell mask or instance volume of the same shape (each instance gets the cell id holding most
     of its voxels, ``0`` outside; the summary's volume fraction is of the cells), else the fraction is of
-    the whole volume. Lengths are in micrometres with ``voxel_size``, in voxels without.
+    the whole volume. Lengths are in micrometres with ``voxel_size``, in voxels without. ``slab``: Z planes
+    read at a time (default: up to 16, fewer for large planes; about 60 bytes of memory per slab voxel).
     """
-    at_least("slab", slab, 1)
     shape = tuple(int(s) for s in classes.shape)
+    slab = slab_planes(shape, 64) if slab is None else slab
+    at_least("--slab", slab, 1)
     spacing = tuple(float(v) for v in voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0)
     sets = DisjointSet()
     stats = _Stats()
@@ -257,7 +260,7 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_summary{out.suffix or '.csv'}")
 
 
-def run_measure(seg: str | Path, out: str | Path, cells: str | Path | None = None, slab: int = 16,
+def run_measure(seg: str | Path, out: str | Path, cells: str | Path | None = None, slab: int | None = None,
                 overwrite: bool = False) -> dict[str, Path]:
     """``micromae measure``: one CSV row per instance of each named class of the OME-Zarr segmentation
     ``seg`` (``out``), and the per-class summary beside it (``<stem>_summary.csv``); both appear together

@@ -270,13 +270,20 @@ def register_label(root: zarr.Group, name: str) -> None:
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*(n for n in listed if n != name), name]}
 
 
+def slab_planes(shape: Sequence[int], itemsize: int, budget_bytes: int = 256 << 20, most: int = 16) -> int:
+    """Z planes of a slab that keep ``itemsize``-byte voxels of ``shape`` (Z, Y, X) within ``budget_bytes``."""
+    plane = int(shape[1]) * int(shape[2]) * itemsize
+    return max(1, min(most, budget_bytes // max(plane, 1)))
+
+
 def write_image_copy(root: zarr.Group, volume: Any, voxel_size: Sequence[float] | None, chunks: Sequence[int],
-                     min_side: int = PYRAMID_MIN_SIDE, slab: int = 16) -> list[str]:
+                     min_side: int = PYRAMID_MIN_SIDE) -> list[str]:
     """Copy ``volume`` (Z, Y, X) into ``root/0`` slab by slab, add its mean pyramid and the root's
     ``ome.multiscales``; returns the level paths."""
     shape = tuple(int(s) for s in volume.shape)
     arr = root.create_array("0", shape=shape, dtype=np.dtype(volume.dtype), chunks=tuple(chunks), fill_value=0,
                             dimension_names=AXES, overwrite=True)
+    slab = slab_planes(shape, np.dtype(volume.dtype).itemsize)
     for z in range(0, shape[0], slab):
         arr[z: z + slab] = np.asarray(volume[z: z + slab])
     factors = pyramid_factors(shape, voxel_size, min_side)
@@ -326,8 +333,8 @@ def image_label_properties(group: zarr.Group, name: str) -> list[dict[str, Any]]
 
 
 def store_voxel_size(group: zarr.Group) -> tuple[float, float, float] | None:
-    """Voxel size (Z, Y, X) of a segmentation: the main labels' level-0 scale when axes carry a unit, else
-    the ``voxel_size`` attribute, else None."""
+    """Voxel size (Z, Y, X, micrometres) of a segmentation: its ``voxel_size`` attribute (what segment wrote
+    into the multiscales), else None."""
     vs = group.attrs.get("voxel_size")
     if vs:
         return tuple(float(v) for v in vs)  # type: ignore[return-value]
@@ -352,5 +359,12 @@ def finish_segmentation(root: zarr.Group, volume: Any, ks: dict[str, int], voxel
         props = [{"label-value": i, "name": f"cluster {i}"} for i in range(k)]
         write_label_image(root, name, props, voxel_size, min_side=min_side)
     if image:
-        main = root[level_path(MAIN_LABELS)]
+        main = root[level_path(MAIN_LABELS)]  # the image copy has the chunks of the labels
         write_image_copy(root, volume, voxel_size, main.chunks, min_side)
+
+
+def ome_extra_bytes(shape: Sequence[int], label_bytes: int, image_itemsize: int) -> int:
+    """What an OME-Zarr output adds to the labels (uncompressed upper bound): their pyramids (at most 1/3 of
+    level 0 when only Y and X halve) and the image copy with its pyramid."""
+    voxels = int(np.prod([int(s) for s in shape]))
+    return label_bytes // 3 + (voxels * image_itemsize * 4) // 3

@@ -223,9 +223,13 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                               "sampled pixels)", str(pca_dim), "Pick a smaller --pca")
     partial = output.with_name(output.name + ".partial")
     if not partial.exists():  # a resumed run's space is mostly taken already
-        check_free_space(existing_ancestor(output, "--output"),
-                         segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
-                                            pca_dim if main is None else 0, settings.axes), "--output", output)
+        need = segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
+                                  pca_dim if main is None else 0, settings.axes)
+        if ome:
+            label_bytes = sum(int(np.prod(volume.shape)) * (1 if kk <= 255 else 2) for kk in ks)
+            need += omezarr.ome_extra_bytes(volume.shape, label_bytes,
+                                            np.dtype(volume.dtype).itemsize if image_copy else 0)
+        check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
     rng_range = volume_range(volume, config)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
