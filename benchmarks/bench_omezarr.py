@@ -4,9 +4,9 @@ pyramid + metadata step alone on a larger label volume.
 1. The same volume (synthetic EM, a Zarr input of one plane by 64 px chunks), encoder (the ``maester_tiny``
    shape with seeded random weights, as in ``bench_segment_memory.py``) and k-means centres (k = 6), segmented
    by ``run_segment`` to a plain group and to OME-Zarr (label pyramid, image copy with its mean pyramid,
-   metadata), alternately, ``REPEATS`` times each after one warm-up run of each (imports); figure ``ome_overhead``: median OME wall time / median plain
-   wall time - 1 (the encoder's share shrinks that ratio on real encoders: the tiny one is ~100x cheaper per
-   voxel than the paper's).
+   metadata), alternately, ``REPEATS`` times each after one warm-up run of each (imports); figure
+   ``ome_overhead``: median OME wall time / median plain wall time - 1 (the encoder's share shrinks that
+   ratio on real encoders: the tiny one is ~100x cheaper per voxel than the paper's).
 2. ``finish_segmentation`` (what the OME output adds after the labels: the pyramids of two label images, the
    image copy and its pyramid) on random label and image volumes of ``FINISH_SHAPE``; figure
    ``finish_mvoxels_per_s`` (level-0 voxels per second) and, from ``tracemalloc`` (numpy reports its buffers

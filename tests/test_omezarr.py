@@ -71,6 +71,7 @@ def test_segment_writes_an_ome_zarr_image_that_ome_zarr_models_validates(ome_seg
     np.testing.assert_allclose(scales[1], [0.02, 0.02, 0.02])  # Z stays until in-plane voxels are as coarse
     np.testing.assert_allclose(scales[2], [0.04, 0.04, 0.04])
     assert model.ome_attributes.multiscales[0].axes[0].unit == "micrometer"
+    np.testing.assert_allclose(omezarr.voxel_size_of(ome_seg), VOXEL)  # read back as an OME-Zarr input
     # level 0 of the image is the input; the next levels are block means (edges: means of what is there)
     image = tifffile.imread(tiny_run / "data" / "image.tif")
     np.testing.assert_array_equal(root["0"][:], image)

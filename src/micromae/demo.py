@@ -2,7 +2,7 @@
 
 1. write a synthetic EM-like volume with exact labels to ``OUT/data/``;
 2. pre-train the tiny MAESTER model on it (``OUT/pretrain/``: config, log, checkpoints, figures);
-3. segment it without labels: exact pixel embeddings + k-means (``OUT/segmentation.ome.zarr``, OME-Zarr), with a k sweep;
+3. segment it without labels: exact pixel embeddings + k-means (``OUT/segmentation.ome.zarr``), with a k sweep;
 4. evaluate against the known classes inside the cell mask (``OUT/report/``: metrics.json, report.md, PNGs);
 5. measure what pre-training bought (``OUT/pretraining/``): on a held-out synthetic volume (another seed), the
    checkpoint's pixel embeddings against three random-init encoders of the same shape and hand-made features

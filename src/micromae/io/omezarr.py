@@ -126,7 +126,7 @@ def voxel_size_of(path: Any) -> tuple[float, float, float] | None:
     try:
         if name.endswith((".ome.tif", ".ome.tiff")) and p.is_file():
             return _ome_tiff_voxel_size(p)
-        if p.is_dir() and (p / "zarr.json").exists() or (p / ".zattrs").exists():
+        if p.is_dir() and ((p / "zarr.json").exists() or (p / ".zattrs").exists()):
             return _ome_zarr_voxel_size(p)
     except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: no voxel size, not an error
         return None
