@@ -279,3 +279,26 @@ def test_bad_names_are_refused():
     with pytest.raises(MicromaeInputError, match="0..3"):
         class_table({4: "x"}, 4)
     assert parse_names("0=a, 3=b,5=a") == {0: "a", 3: "b", 5: "a"}
+
+
+def test_an_interrupted_ome_finish_resumes_to_the_same_store(tiny_run, tmp_path, monkeypatch):
+    ckpt, image = tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif"
+    out = tmp_path / "seg.ome.zarr"
+    real = omezarr.build_pyramid
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed while building the pyramid")
+
+    monkeypatch.setattr(omezarr, "build_pyramid", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_segment(ckpt, image, out, k=3, n_samples=300, device="cpu", pyramid_min_side=16)
+    assert not out.exists() and (tmp_path / "seg.ome.zarr.partial").is_dir()  # never a half-written output
+    monkeypatch.setattr(omezarr, "build_pyramid", real)
+    run_segment(ckpt, image, out, k=3, n_samples=300, device="cpu", pyramid_min_side=16)
+    fresh = run_segment(ckpt, image, tmp_path / "fresh.ome.zarr", k=3, n_samples=300, device="cpu",
+                        pyramid_min_side=16)
+    a, b = zarr.open_group(store=str(out), mode="r"), zarr.open_group(store=str(fresh), mode="r")
+    omezarr.validate(out)
+    for level in ("0", "1", "2"):
+        np.testing.assert_array_equal(a[f"labels/clusters/{level}"][:], b[f"labels/clusters/{level}"][:])
+        np.testing.assert_array_equal(a[level][:], b[level][:])
