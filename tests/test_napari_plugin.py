@@ -207,6 +207,38 @@ def test_viewer_opens_a_segmentation_through_the_reader(make_napari_viewer, plug
 
 
 @needs_display
+def test_viewer_opens_a_multiscale_ome_zarr_output_and_names_its_clusters(make_napari_viewer, plugin, tiny_run,
+                                                                         tmp_path, qtbot):
+    from micromae.napari.widgets import NameClustersWidget
+    from micromae.segment.pipeline import run_segment
+
+    out = run_segment(tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif",
+                      tmp_path / "cell.ome.zarr", k=3, n_samples=500, device="cpu", pyramid_min_side=16,
+                      voxel_size=(0.04, 0.01, 0.01))
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="micromae")
+    assert [layer.name for layer in viewer.layers] == ["cell image", "cell k=3"]
+    layer = viewer.layers["cell k=3"]
+    group = zarr.open_group(store=str(out), mode="r")
+    assert layer.multiscale and len(layer.data) == 3 and viewer.layers["cell image"].multiscale
+    assert np.array_equal(np.asarray(layer.data[0]), group["labels/clusters/0"][:])
+    assert tuple(layer.scale) == (0.04, 0.01, 0.01)
+    names = NameClustersWidget(viewer)
+    viewer.window.add_dock_widget(names)
+    names.reset_choices()
+    names.labels.value = layer
+    assert names.table.to_dict("list")["cluster"] == [0, 1, 2]
+    names.table.data[0, 1] = "cytoplasm"
+    names.table.data[2, 1] = "nucleus"
+    names.start()
+    _wait(qtbot, names)
+    assert names.error is None, names.status.value
+    stored = zarr.open_group(store=str(out), mode="r")
+    clusters = stored["labels/clusters/0"][:]
+    np.testing.assert_array_equal(stored["labels/classes/0"][:], np.array([1, 0, 2])[clusters])
+
+
+@needs_display
 def test_segment_widget_equals_the_cli_then_names_clusters_and_screenshot(make_napari_viewer, plugin, seg,
                                                                           tiny_run, tmp_path, qtbot):
     import tifffile
