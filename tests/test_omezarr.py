@@ -266,8 +266,18 @@ def test_cli_measure_writes_instances_and_summary_and_refuses_unnamed(ome_seg, t
     assert {r["unit"] for r in rows} == {"micrometer"}
     assert float(rows[0]["volume"]) == pytest.approx(int(rows[0]["voxels"]) * np.prod(VOXEL))
     assert cli_main(["measure", str(seg), "--out", str(out)]) == 2  # exists: --overwrite
+    tifffile.imwrite(tmp_path / "small_cells.tif", np.ones((2, 4, 4), np.uint8))
+    assert cli_main(["measure", str(seg), "--out", str(tmp_path / "y.csv"), "--cells",
+                     str(tmp_path / "small_cells.tif")]) == 2
+    assert "shape" in capsys.readouterr().err and not (tmp_path / "y.csv").exists()
     assert cli_main(["measure", str(tmp_path / "nothing.ome.zarr"), "--out", str(tmp_path / "x.csv")]) == 2
     assert "OME-Zarr output of micromae segment" in capsys.readouterr().err
+    plain = zarr.open_group(store=str(tmp_path / "plain.zarr"), mode="w")
+    plain.create_array("labels", data=np.zeros((2, 4, 4), np.uint8))
+    assert cli_main(["label-clusters", str(tmp_path / "plain.zarr"), "--names", "0=a"]) == 2
+    assert "plain Zarr group" in capsys.readouterr().err
+    assert cli_main(["label-clusters", str(seg), "--names", "0=a", "--from-report", str(out)]) == 2
+    assert "exactly one of --names and --from-report" in capsys.readouterr().err
 
 
 def test_bad_names_are_refused():
