@@ -97,6 +97,33 @@ def test_reader_gives_each_k_the_image_and_the_scale(seg, tiny_run, tmp_path):
         read_segmentation(copy)
 
 
+def test_reader_opens_the_ome_zarr_output_with_its_voxel_size_and_named_classes(tiny_run, tmp_path):
+    import tifffile
+
+    out = tmp_path / "cell.ome.zarr"
+    ckpt, data = tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data"
+    assert cli_main(["segment", "--checkpoint", str(ckpt), "--input", str(data / "image.tif"), "--output", str(out),
+                     "--k", "3", "--sweep", "2", "--samples", "500", "--device", "cpu",
+                     "--voxel-size", "0.04", "0.01", "0.01"]) == 0
+    assert get_reader(str(out)) is read_segmentation
+    layers = {kw["name"]: (data, kw, kind) for data, kw, kind in read_segmentation(out)}
+    assert set(layers) == {"cell image", "cell k=3", "cell k=2"}
+    image = tifffile.imread(data / "image.tif")
+    assert np.array_equal(np.asarray(layers["cell image"][0][0]), image)  # level 0 of the image pyramid
+    group = zarr.open_group(store=str(out), mode="r")
+    for name, key in (("cell k=3", "labels/clusters/0"), ("cell k=2", "labels/clusters_k2/0")):
+        levels, kw, kind = layers[name]
+        assert kind == "labels" and np.array_equal(np.asarray(levels[0]), group[key][:])
+        assert kw["metadata"]["micromae_array"] == key and kw["scale"] == (0.04, 0.01, 0.01)
+    names = {0: "cytoplasm", 1: "", 2: "nucleus"}
+    classes, class_names = jobs.name_clusters(group["labels/clusters/0"][:], names)
+    jobs.save_classes(out, "labels/clusters/0", classes, class_names, names)  # the Name clusters widget
+    layers = {kw["name"]: (data, kw) for data, kw, _ in read_segmentation(out)}
+    levels, kw = layers["cell classes"]
+    assert np.array_equal(np.asarray(levels[0]), classes) and kw["metadata"]["class_names"] == class_names
+    assert layers["cell k=3"][1]["metadata"]["cluster_names"] == {"0": "cytoplasm", "2": "nucleus"}
+
+
 def test_name_clusters_merges_clusters_and_round_trips_to_the_file(seg, tmp_path):
     path = tmp_path / "named.zarr"
     shutil.copytree(seg, path)
@@ -177,6 +204,38 @@ def test_viewer_opens_a_segmentation_through_the_reader(make_napari_viewer, plug
     group = zarr.open_group(store=str(seg), mode="r")
     assert isinstance(viewer.layers["cell k=3"], napari.layers.Labels)
     assert np.array_equal(np.asarray(viewer.layers["cell k=3"].data), group["labels"][:])
+
+
+@needs_display
+def test_viewer_opens_a_multiscale_ome_zarr_output_and_names_its_clusters(make_napari_viewer, plugin, tiny_run,
+                                                                         tmp_path, qtbot):
+    from micromae.napari.widgets import NameClustersWidget
+    from micromae.segment.pipeline import run_segment
+
+    out = run_segment(tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif",
+                      tmp_path / "cell.ome.zarr", k=3, n_samples=500, device="cpu", pyramid_min_side=16,
+                      voxel_size=(0.04, 0.01, 0.01))
+    viewer = make_napari_viewer()
+    viewer.open(str(out), plugin="micromae")
+    assert [layer.name for layer in viewer.layers] == ["cell image", "cell k=3"]
+    layer = viewer.layers["cell k=3"]
+    group = zarr.open_group(store=str(out), mode="r")
+    assert layer.multiscale and len(layer.data) == 3 and viewer.layers["cell image"].multiscale
+    assert np.array_equal(np.asarray(layer.data[0]), group["labels/clusters/0"][:])
+    assert tuple(layer.scale) == (0.04, 0.01, 0.01)
+    names = NameClustersWidget(viewer)
+    viewer.window.add_dock_widget(names)
+    names.reset_choices()
+    names.labels.value = layer
+    assert names.table.to_dict("list")["cluster"] == [0, 1, 2]
+    names.table.data[0, 1] = "cytoplasm"
+    names.table.data[2, 1] = "nucleus"
+    names.start()
+    _wait(qtbot, names)
+    assert names.error is None, names.status.value
+    stored = zarr.open_group(store=str(out), mode="r")
+    clusters = stored["labels/clusters/0"][:]
+    np.testing.assert_array_equal(stored["labels/classes/0"][:], np.array([1, 0, 2])[clusters])
 
 
 @needs_display

@@ -194,3 +194,14 @@ def test_quality_benchmark_scores_every_method_per_class(tmp_path):
     per = [r["mean_dice"] for r in scored if "control_seed" in r and r["mapping"] == "hungarian"]
     assert len(agg) == 1 and agg[0]["mean_dice"] == pytest.approx(np.mean(per), abs=1e-3)
     assert agg[0]["mean_dice_min"] == min(per) and "| random-init encoder, mean of 2 (k=6) | hungarian |" in table
+
+
+def test_omezarr_bench_quick_run_prints_its_figures(tmp_path):
+    lines = {line["figure"]: line for line in run_quick("bench_omezarr", tmp_path)}
+    assert set(lines) == {"ome_overhead", "finish_mvoxels_per_s", "finish_peak_traced_mb",
+                          "finish_memory_ratio_2x_depth"}
+    assert all(KEYS <= set(line) and line["quick"] is True for line in lines.values())
+    assert np.isfinite(lines["ome_overhead"]["value"]) and lines["ome_overhead"]["ome_s"] > 0
+    assert lines["finish_mvoxels_per_s"]["value"] > 0 and lines["finish_peak_traced_mb"]["value"] > 0
+    ratio = lines["finish_memory_ratio_2x_depth"]
+    assert ratio["goal_is"] == "at most" and ratio["met"] == (ratio["value"] <= ratio["goal"])

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from micromae import cli_classify, cli_export, cli_instances, cli_segment
+from micromae import cli_classify, cli_export, cli_instances, cli_measure, cli_segment
 from micromae.config import FINETUNE_TASKS, PretrainConfig, finetune_task, list_presets, resolve_config
 from micromae.config_tasks import TASK_CONFIGS as FINETUNE_CONFIGS
 from micromae.errors import MicromaeInputError, at_least, input_error, os_error_message
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     cli_segment.register(sub)
+    cli_measure.register(sub)
 
     p = sub.add_parser("evaluate", help="score results against references")
     ev = p.add_subparsers(dest="what", required=True, metavar="WHAT")

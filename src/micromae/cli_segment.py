@@ -64,7 +64,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         run_segment(args.checkpoint, args.input, args.output, k=args.k, centres=args.centres,
                     sweep=_parse_ks(args.sweep), settings=_settings(args), n_samples=args.samples, seed=args.seed,
                     mask_path=args.mask, pca_dim=args.pca, axes=args.axes, key=args.key, device=args.device,
-                    overwrite=args.overwrite, keep_features=args.keep_features, world=info)
+                    overwrite=args.overwrite, keep_features=args.keep_features, world=info,
+                    voxel_size=args.voxel_size, image_copy=not args.no_image)
     return 0
 
 
@@ -154,9 +155,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "k-means on a random sample, and write labels to a Zarr group, tile by tile "
                                    "in bounded memory. Interrupted runs resume. Example: micromae segment "
                                    "--checkpoint runs/demo/pretrain/checkpoints/last.pt --input cell.tif "
-                                   "--axes ZYX --output seg.zarr --k 6")
+                                   "--axes ZYX --output seg.ome.zarr --k 6")
     inference_options(p)
-    p.add_argument("--output", required=True, help="output Zarr group, a name ending in .zarr (e.g. seg.zarr)")
+    p.add_argument("--output", required=True,
+                   help="output: seg.ome.zarr writes OME-Zarr v0.5 (label images with pyramids, the image, voxel "
+                        "sizes: opens in napari, Fiji, neuroglancer); any other name ending in .zarr a plain "
+                        "Zarr group (labels, labels_k<K> at its root)")
+    p.add_argument("--voxel-size", nargs="+", metavar="SIZE",
+                   help="voxel size in micrometres, Z Y X (default: the input's OME-TIFF / OME-Zarr metadata)")
+    p.add_argument("--no-image", action="store_true",
+                   help="OME-Zarr: do not copy the input image into the output (the labels only)")
     p.add_argument("--k", type=int, default=None, help="number of clusters (default 6, or the k of --centres)")
     p.add_argument("--centres", help="reuse centres from micromae cluster (.npz) instead of fitting")
     p.add_argument("--sweep", help="also write labels_k<K> for these k, e.g. 4..10 (no extra encoder passes)")

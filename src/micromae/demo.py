@@ -2,7 +2,7 @@
 
 1. write a synthetic EM-like volume with exact labels to ``OUT/data/``;
 2. pre-train the tiny MAESTER model on it (``OUT/pretrain/``: config, log, checkpoints, figures);
-3. segment it without labels: exact pixel embeddings + k-means (``OUT/segmentation.zarr``), with a k sweep;
+3. segment it without labels: exact pixel embeddings + k-means (``OUT/segmentation.ome.zarr``), with a k sweep;
 4. evaluate against the known classes inside the cell mask (``OUT/report/``: metrics.json, report.md, PNGs);
 5. measure what pre-training bought (``OUT/pretraining/``): on a held-out synthetic volume (another seed), the
    checkpoint's pixel embeddings against three random-init encoders of the same shape and hand-made features
@@ -65,7 +65,7 @@ def run_demo(out: Path, steps: int | None = None, preset: str = "maester_tiny", 
 
 def _segment_and_evaluate(out: Path, checkpoint: Path, data_dir: Path, k: int, sweep: tuple[int, ...],
                           samples: int) -> dict[str, Path]:
-    seg = out / "segmentation.zarr"
+    seg = out / "segmentation.ome.zarr"
     if not seg.exists():
         run_segment(checkpoint, data_dir / "image.tif", seg, k=k, sweep=sweep, n_samples=samples,
                     mask_path=data_dir / "cell_mask.tif")

@@ -20,22 +20,25 @@ from micromae.evaluate.render3d import render_volume_surfaces
 from micromae.evaluate.report import write_segmentation_report
 from micromae.evaluate.seg_figures import plot_confusion, plot_k_sweep, plot_overlays, plot_umap
 from micromae.io import atomic_path, check_output, open_volume
+from micromae.io.omezarr import label_arrays
 from micromae.runtime import say
 from micromae.segment.cluster import ClusterModel
+from micromae.segment.pipeline import centres_path
 
 
 def open_prediction(path: str | Path) -> tuple[dict[int | str, Any], zarr.Group | None]:
-    """Label arrays of a prediction: a ``micromae segment`` group ({"main": labels, k: labels_k<k>}) or a file."""
+    """Label arrays of a prediction: a ``micromae segment`` group, OME-Zarr (``labels/clusters``,
+    ``labels/clusters_k<K>``) or plain (``labels``, ``labels_k<K>``), as ``{"main": array, k: array}``; or a
+    label file."""
     path = Path(path)
-    if path.is_dir() and (path / "zarr.json").exists() or (path / ".zgroup").exists():
+    if path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
         group = zarr.open_group(store=str(path), mode="r")
-        if "labels" not in group:
-            raise input_error(f"prediction '{path}'", "a Zarr group with a 'labels' array",
-                              f"arrays {sorted(group.array_keys())}", "Pass the output of micromae segment")
-        arrays: dict[int | str, Any] = {"main": group["labels"]}
-        for name in group.array_keys():
-            if name.startswith("labels_k"):
-                arrays[int(name[len("labels_k"):])] = group[name]
+        arrays = label_arrays(group)
+        if not arrays:
+            raise input_error(f"prediction '{path}'", "a micromae segment output (OME-Zarr labels/clusters or a "
+                              "Zarr group with a 'labels' array)",
+                              f"arrays {sorted(group.array_keys())}, groups {sorted(group.group_keys())}",
+                              "Pass the output of micromae segment")
         return arrays, group
     return {"main": open_volume(path, check=False)}, None
 
@@ -162,5 +165,5 @@ def _main_centres(group: zarr.Group, k: int) -> np.ndarray | None:
     store = Path(str(group.store_path.store.root)) if hasattr(group, "store_path") else None
     if store is None:
         return None
-    path = store.with_name(f"{store.stem}_centres_k{k}.npz")
+    path = centres_path(store, k)
     return ClusterModel.load(path).centers if path.is_file() else None

@@ -30,8 +30,9 @@ import zarr
 
 from micromae.config import PretrainConfig, apply_overrides, load_config, resolve_config
 from micromae.errors import input_error
+from micromae.evaluate.classes import run_label_clusters
 from micromae.evaluate.metrics import contingency, evaluate_table
-from micromae.io import write_array
+from micromae.io import omezarr, write_array
 from micromae.models.pretrained import read_encoder_weights
 from micromae.segment.pipeline import run_segment
 from micromae.segment.volume import SegmentSettings
@@ -132,7 +133,8 @@ def segment_image(report: Report, image: Any, checkpoint: str | Path, k: int = 6
     """``micromae segment`` on an in-memory image (Y, X) or volume (Z, Y, X).
 
     Returns ``{"labels": (Z, Y, X) or (Y, X) uint array, "k": k, "path": the group or None, "attrs": the
-    group's attributes}``. With ``output`` the group stays there and also holds ``image`` and ``scale``.
+    group's attributes}``. With ``output`` the group stays there and also holds ``image`` and ``scale`` (an
+    ``.ome.zarr`` output: the image copy, and the layer's scale as voxel size unless it is all ones).
     """
     arr = np.asarray(image)
     volume = arr[None] if arr.ndim == 2 else arr
@@ -145,15 +147,16 @@ def segment_image(report: Report, image: Any, checkpoint: str | Path, k: int = 6
     target = Path(output) if output is not None else tmp / "seg.zarr"
     try:
         report(0, 0, "fitting k-means on sampled pixel embeddings")
+        full = None if scale is None else [1.0] * (3 - len(scale)) + [float(s) for s in scale]
+        voxel_size = full if omezarr.is_ome_path(target) and full and any(v != 1.0 for v in full) else None
         out = run_segment(checkpoint, volume, target, k=k, settings=settings, n_samples=n_samples, seed=seed,
-                          device=device, overwrite=overwrite,
+                          device=device, overwrite=overwrite, voxel_size=voxel_size,
                           on_progress=lambda done, total: report(done, total, f"plane {done} of {total}"))
         group = zarr.open_group(store=str(out), mode="a")
-        labels = np.asarray(group["labels"][:])
-        if output is not None:
+        labels = np.asarray(omezarr.label_arrays(group)["main"][:])
+        if output is not None and not omezarr.is_ome_path(out):  # OME-Zarr: the image and voxel size are in
             group.create_array("image", data=volume, overwrite=True)
-            if scale is not None:
-                full = [1.0] * (3 - len(scale)) + [float(s) for s in scale]
+            if full is not None:
                 group.attrs["scale"] = full
         attrs = dict(group.attrs)
     finally:
@@ -197,6 +200,11 @@ def save_classes(path: str | Path, source_array: str, classes: np.ndarray, class
     arrays under a temporary name and renamed, so a failure never leaves half a ``classes``."""
     path = Path(path)
     group = zarr.open_group(store=str(path), mode="a")
+    if omezarr.is_ome_segmentation(group):  # OME-Zarr: the class label image of micromae label-clusters
+        label = source_array.split("/")[1] if source_array.startswith("labels/") else omezarr.MAIN_LABELS
+        k = int(label[len(omezarr.MAIN_LABELS) + 2:]) if label != omezarr.MAIN_LABELS else None
+        named = {int(c): n.strip() for c, n in names.items() if (n or "").strip()}
+        return run_label_clusters(path, names=named, k=k)
     if source_array not in group.array_keys():
         raise input_error(f"segmentation '{path}'", f"an array '{source_array}'",
                           f"arrays {sorted(group.array_keys())}", "Name the clusters of a layer read from this file")

@@ -1,6 +1,9 @@
 """Open a ``micromae segment`` Zarr group in napari: one Labels layer per k, the named classes, the image.
 
-What the group holds (see :mod:`micromae.segment.volume` and :mod:`micromae.segment.pipeline`):
+An OME-Zarr output (``seg.ome.zarr``, :mod:`micromae.io.omezarr`) gives multiscale layers: the image pyramid
+(``0``, ``1``, ...), each label image of ``labels/`` (``clusters``, ``clusters_k<K>``, ``classes`` with the
+class names of its ``image-label`` metadata) and the voxel size of its metadata. In a plain group, what it
+holds (see :mod:`micromae.segment.volume` and :mod:`micromae.segment.pipeline`):
 ``labels`` (the main k, cluster ids ``0..k-1``), ``labels_k<K>`` (a sweep), ``classes`` (written by the
 Name clusters widget: ``0`` unnamed, ``1..n`` the class names in the attribute ``class_names``), optionally
 ``image`` (the input, stored by the Segment widget), ``sample/`` and ``features_pca`` (not shown). The
@@ -21,7 +24,7 @@ import numpy as np
 import zarr
 
 from micromae.errors import input_error
-from micromae.io import open_volume
+from micromae.io import omezarr, open_volume
 from micromae.runtime import say
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -39,7 +42,7 @@ def is_segmentation(path: str | Path) -> bool:
         group = zarr.open_group(store=str(path), mode="r")
     except (OSError, ValueError, KeyError, TypeError):  # not a group zarr can read
         return False
-    return "labels" in group.array_keys() and all(k in group.attrs for k in SIGNATURE)
+    return bool(omezarr.label_arrays(group)) and all(k in group.attrs for k in SIGNATURE)
 
 
 def get_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
@@ -62,7 +65,7 @@ def cluster_colours(k: int) -> dict[int | None, Any]:
 
 def scale_of(attrs: dict[str, Any]) -> tuple[float, float, float] | None:
     """Voxel size (Z, Y, X) recorded in the group: ``scale``, or OME-Zarr ``multiscales`` (level 0)."""
-    scale = attrs.get("scale")
+    scale = attrs.get("scale") or attrs.get("voxel_size")
     if scale is None:
         multiscales = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
         if multiscales:
@@ -106,7 +109,9 @@ def read_segmentation(path: str | Path) -> list[LayerData]:
     attrs = dict(group.attrs)
     scale = scale_of(attrs)
     common = {"scale": scale} if scale is not None else {}
-    name = path.name.removesuffix(".zarr")
+    name = omezarr.output_stem(path)
+    if omezarr.is_ome_segmentation(group):
+        return _read_ome(group, path, name, attrs, common)
     layers: list[LayerData] = []
     image = _image(group, path)
     if image is not None:
@@ -131,6 +136,43 @@ def read_segmentation(path: str | Path) -> list[LayerData]:
                                           "metadata": {"micromae_path": str(path), "micromae_array": "classes",
                                                        "class_names": names,
                                                        "named_from": attrs.get("classes_from")}}, "labels"))
+    return layers
+
+
+def _read_ome(group: zarr.Group, path: Path, name: str, attrs: dict[str, Any], common: dict[str, Any]
+              ) -> list[LayerData]:
+    """Multiscale layers of an OME-Zarr segmentation: its image, each cluster label image, the classes."""
+    layers: list[LayerData] = []
+    multiscales = dict(attrs.get("ome") or {}).get("multiscales")
+    if multiscales:
+        levels = [group[d["path"]] for d in multiscales[0]["datasets"]]
+        layers.append((levels, {"name": f"{name} image", "multiscale": len(levels) > 1, **common}, "image"))
+    else:
+        image = _image(group, path)
+        if image is not None and tuple(image.shape) == tuple(omezarr.label_arrays(group)["main"].shape):
+            layers.append((image, {"name": f"{name} image", **common}, "image"))
+    main_k = int(attrs.get("k") or 0)
+    label_names = list(dict(group["labels"].attrs.get("ome") or {}).get("labels", []))
+    for label in label_names:
+        if label == omezarr.CLASS_LABELS:
+            continue
+        levels = omezarr.label_levels(group, label)
+        props = omezarr.image_label_properties(group, label)
+        k = len(props) or main_k
+        meta = {"micromae_path": str(path), "micromae_array": omezarr.level_path(label), "k": k,
+                "cluster_names": {str(p["label-value"]): p["class"] for p in props if "class" in p}}
+        layers.append((levels, {"name": f"{name} k={k}", "colormap": label_colormap(cluster_colours(k), k),
+                                "multiscale": len(levels) > 1, "metadata": meta,
+                                "visible": label == omezarr.MAIN_LABELS, **common}, "labels"))
+    if omezarr.CLASS_LABELS in label_names:
+        levels = omezarr.label_levels(group, omezarr.CLASS_LABELS)
+        props = omezarr.image_label_properties(group, omezarr.CLASS_LABELS)
+        names = [str(p.get("name")) for p in sorted(props, key=lambda p: p["label-value"])]
+        layers.append((levels, {"name": f"{name} classes", **class_layer_kwargs(names), **common,
+                                "multiscale": len(levels) > 1,
+                                "metadata": {"micromae_path": str(path), "micromae_array": "labels/classes/0",
+                                             "class_names": names, "named_from": attrs.get("classes_from")}},
+                       "labels"))
     return layers
 
 

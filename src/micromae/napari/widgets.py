@@ -130,6 +130,15 @@ class JobWidget(Container):
             self.progress.value = self.progress.max
 
 
+def _level0(layer: Any) -> Any:
+    """A layer's data at full resolution, unread (level 0 of a multiscale layer, as an OME-Zarr output opens)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def _full_resolution(layer: Any) -> np.ndarray:
+    return np.asarray(_level0(layer))
+
+
 def _rows(rows: list[list[Any]], columns: list[str]) -> dict[str, Any]:
     """A magicgui Table value of ``rows`` under ``columns``."""
     return {"data": rows, "index": list(range(len(rows))), "columns": columns}
@@ -173,19 +182,20 @@ class SegmentWidget(JobWidget):
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.samples = SpinBox(label="samples", min=100, max=10_000_000, value=200_000,
                                tooltip="pixels sampled to fit k-means (as micromae segment --samples)")
-        self.output = LineEdit(label="save to (.zarr)", tooltip="optional: also write the segmentation there")
+        self.output = LineEdit(label="save to (.zarr)",
+                               tooltip="optional: also write the segmentation there (NAME.ome.zarr: OME-Zarr)")
         self.add_controls(self.image, self.checkpoint, self.k, self.mode, self.central_tokens, self.tri_planar,
                           self.device, self.samples, self.output)
 
     def prepare(self) -> Callable[[jobs.Report], Any]:
         layer = _layer(self.image, "Image")
         checkpoint = _checkpoint(self.checkpoint)
-        jobs.check_image(layer.data, layer.rgb, checkpoint)
+        jobs.check_image(_level0(layer), layer.rgb, checkpoint)
         output = _path_or_none(self.output.value)
         if output is not None and output.exists():
             raise input_error("save to", "a path that does not exist yet", f"'{output}' exists",
                               "Choose another path, or leave it empty")
-        data, scale = np.asarray(layer.data), tuple(float(s) for s in layer.scale)
+        data, scale = _full_resolution(layer), tuple(float(s) for s in layer.scale)
         kwargs = dict(checkpoint=checkpoint, k=int(self.k.value), mode=self.mode.value,
                       central_tokens=int(self.central_tokens.value) or None, tri_planar=bool(self.tri_planar.value),
                       device=self.device.value, output=output, scale=scale, n_samples=int(self.samples.value))
@@ -224,7 +234,7 @@ class NameClustersWidget(JobWidget):
         if layer is None:
             self.table.value = _rows([], ["cluster", "class"])
             return
-        k = int(layer.metadata.get("k") or int(np.asarray(layer.data).max()) + 1)
+        k = int(layer.metadata.get("k") or int(_full_resolution(layer).max()) + 1)
         known = {int(c): n for c, n in (layer.metadata.get("cluster_names") or {}).items()}
         self.table.value = _rows([[i, known.get(i, "")] for i in range(k)], ["cluster", "class"])
 
@@ -239,7 +249,7 @@ class NameClustersWidget(JobWidget):
         if not any(n.strip() for n in names.values()):
             raise input_error("class names", "a name for at least one cluster", "none",
                               "Type class names in the table's second column")
-        data, meta = np.asarray(layer.data), dict(layer.metadata)
+        data, meta = _full_resolution(layer), dict(layer.metadata)
         self._source = layer
 
         def job(report: jobs.Report) -> dict[str, Any]:
@@ -293,7 +303,7 @@ class PretrainWidget(JobWidget):
         if run_dir is None:
             raise input_error("run folder", "a folder to write the run to", "nothing", "Type a folder name")
         jobs.check_run_dir(run_dir)
-        data, preset, steps = np.asarray(layer.data), self.preset.value, int(self.steps.value)
+        data, preset, steps = _full_resolution(layer), self.preset.value, int(self.steps.value)
         self.losses: list[float] = []
         return lambda report: jobs.pretrain_image(report, data, run_dir, preset=preset, steps=steps)
 
@@ -334,7 +344,7 @@ class EvaluateWidget(JobWidget):
 
     def prepare(self) -> Callable[[jobs.Report], Any]:
         pred, ref = _layer(self.prediction, "segmentation Labels"), _layer(self.reference, "reference Labels")
-        p, r = np.asarray(pred.data), np.asarray(ref.data)
+        p, r = _full_resolution(pred), _full_resolution(ref)
         if p.shape != r.shape:
             raise input_error("reference Labels layer", f"the segmentation's shape {p.shape}",
                               f"shape {r.shape} ('{ref.name}')", "Pick a reference of the same size")

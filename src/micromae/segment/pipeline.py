@@ -16,6 +16,7 @@ import zarr
 from micromae.data.normalize import intensity_range
 from micromae.errors import at_least, input_error
 from micromae.io import check_free_space, check_output, open_volume, write_array
+from micromae.io import omezarr
 from micromae.io.preflight import existing_ancestor
 from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
@@ -162,9 +163,10 @@ def segment_disk_bytes(shape: Sequence[int], ks: Sequence[int], embed_dim: int, 
 
 
 def centres_path(output: str | Path, k: int) -> Path:
-    """Where ``micromae segment --output OUT`` writes the k-means centres for ``k``: beside OUT."""
+    """Where ``micromae segment --output OUT`` writes the k-means centres for ``k``: beside OUT
+    (``seg_centres_k6.npz`` for ``seg.ome.zarr`` and ``seg.zarr``)."""
     output = Path(output)
-    return output.with_name(f"{output.stem}_centres_k{k}.npz")
+    return output.with_name(f"{omezarr.output_stem(output)}_centres_k{k}.npz")
 
 
 def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: int | None = None,
@@ -173,10 +175,15 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
                 axes: str | None = None, key: str | None = None, device: str = "auto", resume: bool = True,
                 overwrite: bool = False, save_sample: bool = True,
                 on_progress: Callable[[int, int], None] | None = None, keep_features: str = "none",
-                world: DistInfo | None = None) -> Path:
+                world: DistInfo | None = None, voxel_size: Sequence[float] | None = None, image_copy: bool = True,
+                pyramid_min_side: int = omezarr.PYRAMID_MIN_SIDE) -> Path:
     """``micromae segment``: label every voxel of ``input_path`` by k-means on exact pixel embeddings.
 
-    The Zarr group at ``output`` holds ``labels``, ``labels_k<K>`` for each k of ``sweep``, optionally
+    An ``output`` ending in ``.ome.zarr`` is an OME-Zarr v0.5 image (:mod:`micromae.io.omezarr`): label images
+    ``labels/clusters`` and ``labels/clusters_k<K>`` for each k of ``sweep`` (pyramids down to
+    ``pyramid_min_side`` pixels, one colour and name per cluster), with ``image_copy`` the input as its image,
+    and the voxel size ``voxel_size`` (Z, Y, X micrometres; default: the input's OME metadata, if any). Any
+    other ``.zarr`` is a plain Zarr group holding ``labels`` and ``labels_k<K>``. Both hold, optionally,
     ``features_pca``, and ``sample/features`` + ``sample/coords`` (the pixels k-means was fitted on, for the
     UMAP figure of ``micromae evaluate segmentation``); ``<stem>_centres_k<K>.npz`` files are written beside it.
     ``k``: clusters (default 6, or the k of ``centres``). Everything is checked before the first encoder pass
@@ -193,13 +200,15 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     info = world or current_world()
     with together(info):
         output, prep = _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings, n_samples, seed,
-                                        mask_path, pca_dim, axes, key, device, overwrite, keep_features)
-    encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim = prep
+                                        mask_path, pca_dim, axes, key, device, overwrite, keep_features,
+                                        voxel_size, image_copy, pyramid_min_side)
+    encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim, ome, voxel_size = prep
     check_same(info, {"checkpoint": sha, "input": str(input_path) if not isinstance(input_path, np.ndarray) else
                       "<array>", "shape": list(volume.shape), "range": list(rng_range), "settings": vars(settings),
                       "ks": ks, "centres": None if main is None else main.centers.tobytes().hex(),
                       "samples": n_samples, "seed": seed, "mask": str(mask_path), "pca": pca_dim,
-                      "keep_features": keep_features, "output": str(output)})
+                      "keep_features": keep_features, "output": str(output), "voxel_size": voxel_size,
+                      "image_copy": image_copy, "pyramid_min_side": pyramid_min_side})
     sample = None
     models: dict[int, ClusterModel] = {}
     pca = None
@@ -215,7 +224,11 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     models, pca = broadcast((models, pca), info)
     k = main.k if main is not None else (6 if k is None else k)
     main = models[k]
-    clusters = {"labels": main, **{f"labels_k{kk}": m for kk, m in models.items() if kk != main.k}}
+    if ome:
+        names = {kk: omezarr.level_path(omezarr.label_name(kk, main.k)) for kk in models}
+    else:
+        names = {kk: "labels" if kk == main.k else f"labels_k{kk}" for kk in models}
+    clusters = {names[main.k]: main, **{names[kk]: m for kk, m in models.items() if kk != main.k}}
 
     def finish(group: zarr.Group) -> None:
         """Before the rename: the centres beside the output (atomically), the sample inside it."""
@@ -228,11 +241,15 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
             sub = group.require_group("sample")
             sub.create_array("features", data=sample.features.astype(np.float16), overwrite=True)
             sub.create_array("coords", data=sample.coords, overwrite=True)
+        if ome:
+            ks = {omezarr.label_name(kk, main.k): m.k for kk, m in models.items()}
+            omezarr.finish_segmentation(group, volume, ks, voxel_size, image=image_copy, min_side=pyramid_min_side)
 
     out = segment_volume(encoder, volume, output, clusters, rng_range, settings, pca=pca, resume=resume,
                          overwrite=overwrite, finish=finish, on_progress=on_progress, keep_features=keep_features,
-                         world=info, progress=info.is_main,
-                         metadata={"checkpoint_sha256": sha, "k": main.k,
+                         world=info, progress=info.is_main, main=names[main.k],
+                         metadata={"checkpoint_sha256": sha, "k": main.k, "format": "ome-zarr" if ome else "zarr",
+                                   "voxel_size": list(voxel_size) if voxel_size is not None else None,
                                    "input": str(input_path) if not isinstance(input_path, np.ndarray) else "<array>"})
     if info.is_main:
         say(f"wrote {out} (k = {main.k}{', sweep ' + ', '.join(map(str, sweep)) if sweep else ''}"
@@ -241,7 +258,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
 
 
 def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings, n_samples, seed, mask_path,
-                     pca_dim, axes, key, device, overwrite, keep_features):
+                     pca_dim, axes, key, device, overwrite, keep_features, voxel_size, image_copy, pyramid_min_side):
     """Everything :func:`run_segment` checks and loads before the first encoder pass (on every rank)."""
     from micromae.segment.volume import KEEP_FEATURES
 
@@ -259,6 +276,9 @@ def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings
         raise input_error("--keep-features pca", "a fitted sample to compute PCA on (no --centres)",
                           f"--centres '{centres}'", "Drop --centres, or keep the full features (--keep-features full)")
     output = check_output(output, overwrite=overwrite, suffixes=(".zarr",), folder=True)
+    ome = omezarr.is_ome_path(output)
+    voxel_size = omezarr.parse_voxel_size(voxel_size)
+    at_least("pyramid_min_side", pyramid_min_side, 1)
     main = ClusterModel.load(centres) if centres is not None else None
     if main is not None and k is not None and k != main.k:
         raise input_error("--k", f"the k of --centres '{centres}' ({main.k}) or no --k", str(k),
@@ -269,6 +289,8 @@ def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings
         raise input_error(f"--centres '{centres}'", f"{encoder.embed_dim}-dimensional centres (the encoder's width)",
                           f"{main.dim} dimensions", "Use centres fitted with this checkpoint (micromae cluster)")
     volume = open_input_volume(input_path, axes, key)
+    if voxel_size is None:
+        voxel_size = omezarr.voxel_size_of(input_path)
     mask = None if mask_path is None else open_input_volume(mask_path, check=False)
     ks = sorted({k, *sweep})
     if keep_features == "pca" and not pca_dim:
@@ -280,14 +302,18 @@ def _prepare_segment(checkpoint, input_path, output, k, centres, sweep, settings
                               "sampled pixels)", str(pca_dim), "Pick a smaller --pca")
     partial = output.with_name(output.name + ".partial")
     if not partial.exists():  # a resumed run's space is mostly taken already
-        check_free_space(existing_ancestor(output, "--output"),
-                         segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
-                                            pca_dim if main is None else 0, settings.axes,
-                                            keep_full=keep_features == "full"), "--output", output)
+        need = segment_disk_bytes(volume.shape, ks, encoder.embed_dim, n_samples if main is None else 0,
+                                  pca_dim if main is None else 0, settings.axes, keep_full=keep_features == "full")
+        if ome:
+            label_bytes = sum(int(np.prod(volume.shape)) * (1 if kk <= 255 else 2) for kk in ks)
+            need += omezarr.ome_extra_bytes(volume.shape, label_bytes,
+                                            np.dtype(volume.dtype).itemsize if image_copy else 0)
+        check_free_space(existing_ancestor(output, "--output"), need, "--output", output)
     rng_range = volume_range(volume, config)
     meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "mode": settings.mode,
             "central_tokens": settings.central_tokens, "axes": list(settings.axes)}
-    return output, (encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim)
+    return output, (encoder, volume, mask, main, ks, rng_range, sha, meta, n_samples, pca_dim, ome,
+                    list(voxel_size) if voxel_size is not None else None)
 
 
 def run_cluster(checkpoint: str | Path, input_path: Any, output: str | Path, k: int = 6,

@@ -100,10 +100,12 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
                    progress: bool = True, metadata: dict[str, Any] | None = None,
                    finish: Callable[[zarr.Group], None] | None = None,
                    on_progress: Callable[[int, int], None] | None = None, keep_features: str = "none",
-                   world: DistInfo | None = None) -> Path:
+                   world: DistInfo | None = None, main: str = "labels") -> Path:
     """Label every voxel of ``volume`` (Z, Y, X) and write the Zarr group ``out_path``.
 
-    clusters: output array name → cluster model, e.g. ``{"labels": k6, "labels_k4": k4}``.
+    clusters: output array name (a path in the group) → cluster model, e.g. ``{"labels": k6, "labels_k4": k4}``
+    (an OME-Zarr output names level 0 of its label images: ``{"labels/clusters/0": k6, ...}``); ``main``: the
+    name of the main one.
     pca: optional ``(mean (D,), components (d, D))`` → also write ``features_pca`` (d, Z, Y, X) float16.
     finish: called with the finished ``<out>.partial`` group (metadata written) just before it is renamed to
     ``out_path``, to add what else belongs to the output; the rename comes last, so ``out_path`` never
@@ -127,9 +129,9 @@ def segment_volume(encoder: nn.Module, volume: Any, out_path: str | Path, cluste
         raise input_error("--keep-features pca", "PCA components to reduce the features with (--pca D)",
                           "none", "Pass --pca D, or --keep-features full")
     out_path = Path(out_path)
-    if "labels" not in clusters:
-        raise input_error("clusters", "a model named 'labels'", ", ".join(clusters) or "none",
-                          "Pass {'labels': model, ...}")
+    if main not in clusters:
+        raise input_error("clusters", f"a model named '{main}'", ", ".join(clusters) or "none",
+                          f"Pass {{'{main}': model, ...}}")
     if out_path.exists() and not overwrite:
         raise input_error("output", "a path that does not exist yet", f"'{out_path}' exists",
                           "Choose another --output or pass --overwrite")
@@ -203,7 +205,7 @@ def _create_partial(partial: Path, key: str, resume: bool, clusters: dict[str, C
     group = zarr.open_group(store=str(partial), mode="w")
     for name, model in clusters.items():
         group.create_array(name, shape=shape, dtype=_label_dtype(model.k), chunks=_chunks(shape, axes[0], tile),
-                           fill_value=0)
+                           fill_value=0, dimension_names=("z", "y", "x"))
         for a in axes if fused else ():
             group.create_array(f"dist_{name}_axis{a}", shape=(model.k, *shape), dtype="float16",
                                chunks=(model.k, *_chunks(shape, a, tile)), fill_value=0)
