@@ -100,3 +100,22 @@ def test_misused_options_are_clear_errors(data, tmp_path, capsys):
         run_segment(data["checkpoint"], data["input_path"], tmp_path / "s.zarr", centres=centres,
                     keep_features="pca", device="cpu")
     assert not list(tmp_path.glob("s.zarr*")) and not list(tmp_path.glob("o.zarr*"))
+
+
+def test_recluster_ome_in_and_out_is_a_valid_ome_zarr_with_the_same_labels(data, tmp_path):
+    """OME-Zarr in (features at the store's root) and OME-Zarr out: the label image validates, carries the
+    source's voxel size and image copy, and holds the same labels as a plain-group re-clustering."""
+    from micromae.io import omezarr
+
+    seg = run_segment(**data, output=tmp_path / "seg.ome.zarr", keep_features="pca", pca_dim=4,
+                      voxel_size=(0.05, 0.01, 0.01))
+    plain = recluster(seg, tmp_path / "re.zarr", k=4, n_samples=2000, progress=False)
+    ome = recluster(seg, tmp_path / "re.ome.zarr", k=4, n_samples=2000, progress=False)
+    omezarr.validate(ome)
+    got = zarr.open_group(store=str(ome), mode="r")
+    assert np.array_equal(got["labels/clusters/0"][:], zarr.open_group(store=str(plain), mode="r")["labels"][:])
+    assert omezarr.store_voxel_size(got) == (0.05, 0.01, 0.01)
+    src = zarr.open_group(store=str(seg), mode="r")
+    assert np.array_equal(got["0"][:], src["0"][:])
+    assert [p["label-value"] for p in omezarr.image_label_properties(got, "clusters")] == [0, 1, 2, 3]
+    assert centres_path(ome, 4).name == "re_centres_k4.npz" and centres_path(ome, 4).exists()

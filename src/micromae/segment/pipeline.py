@@ -233,7 +233,7 @@ def run_segment(checkpoint: str | Path, input_path: Any, output: str | Path, k: 
     def finish(group: zarr.Group) -> None:
         """Before the rename: the centres beside the output (atomically), the sample inside it."""
         if overwrite:  # --overwrite replaces the old output whole: its centres for other k go too
-            for old in output.parent.glob(f"{output.stem}_centres_k*.npz"):
+            for old in output.parent.glob(f"{omezarr.output_stem(output)}_centres_k*.npz"):
                 old.unlink()
         for kk, m in models.items():
             m.save(centres_path(output, kk))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import micromae
 from micromae.errors import at_least, input_error
-from micromae.io import check_output
+from micromae.io import check_output, omezarr
 from micromae.segment.cluster import fit_kmeans
 
 __all__ = ["StoredFeatures", "blocks", "recluster", "sample_positions", "stored_features"]
@@ -141,9 +141,11 @@ def recluster(features: str | Path, output: str | Path, k: int = 6, n_samples: i
     bpv = 4 * (feats.dim * len(feats.arrays) + 2 * k)
     parts = list(blocks(feats.shape, [a.chunks[1:] for a in feats.arrays], bpv, budget_bytes))
     first = parts[0]
-    labels = group.create_array("labels", shape=feats.shape, dtype=np.uint8 if k <= 255 else np.uint16,
+    ome = omezarr.is_ome_path(output)
+    name = omezarr.level_path(omezarr.MAIN_LABELS) if ome else "labels"
+    labels = group.create_array(name, shape=feats.shape, dtype=np.uint8 if k <= 255 else np.uint16,
                                 chunks=(1, first[1].stop - first[1].start, first[2].stop - first[2].start),
-                                fill_value=0)
+                                fill_value=0, dimension_names=("z", "y", "x"))
     for zs, ys, xs in tqdm(parts, desc="assigning clusters", unit="block", disable=not progress):
         total = None
         for arr in feats.arrays:
@@ -153,12 +155,17 @@ def recluster(features: str | Path, output: str | Path, k: int = 6, n_samples: i
         labels[zs, ys, xs] = total.argmin(1).numpy().reshape(block.shape[1:]).astype(labels.dtype)
     keep = {name: source.attrs[name] for name in ("settings", "intensity_range", "checkpoint_sha256", "input")
             if name in source.attrs}
-    group.attrs.update({"axes": "ZYX", "k": k, "clusters": {"labels": model.meta}, "reclustered_from": str(features),
-                        "micromae_version": micromae.__version__, **keep})
+    voxel_size = omezarr.store_voxel_size(source)
+    group.attrs.update({"axes": "ZYX", "k": k, "clusters": {name: model.meta}, "reclustered_from": str(features),
+                        "micromae_version": micromae.__version__, "format": "ome-zarr" if ome else "zarr",
+                        "voxel_size": list(voxel_size) if voxel_size is not None else None, **keep})
+    if ome:  # label pyramid and metadata; the image copy comes from the source when it holds one
+        image = source["0"] if omezarr.is_ome_segmentation(source) and "0" in source else None
+        omezarr.finish_segmentation(group, image, {omezarr.MAIN_LABELS: k}, voxel_size, image=image is not None)
     from micromae.segment.pipeline import centres_path
 
     if overwrite:
-        for old in output.parent.glob(f"{output.stem}_centres_k*.npz"):
+        for old in output.parent.glob(f"{omezarr.output_stem(output)}_centres_k*.npz"):
             old.unlink()
     model.save(centres_path(output, k))
     if output.exists():
