@@ -114,6 +114,8 @@ def test_tri_planar_embed_cluster_and_mismatch_under_two_ranks(data, tmp_path):
         {"verb": "embed", "kwargs": {"checkpoint": data["checkpoint"], "input_path": data["input_path"],
                                      "output": str(tmp_path / "emb2.npy"), "slices": [0, 3, 5], "device": "cpu"}},
         {"verb": "cluster", "kwargs": {**data, **COMMON, "output": str(tmp_path / "c2.npz")}},
+        {"verb": "segment", "kwargs": {**data, **COMMON, "output": str(tmp_path / "ome2.ome.zarr"), "sweep": [2],
+                                       "voxel_size": [0.04, 0.01, 0.01], "pyramid_min_side": 16}},
         {"verb": "segment", "kwargs": {**data, **COMMON, "output": str(tmp_path / "bad.zarr")},
          "rank_kwargs": {"1": {"seed": 1}}, "error_to": str(tmp_path / "mismatch")},
         {"verb": "segment", "kwargs": {**data, **COMMON, "output": str(tmp_path / "fail.zarr")},
@@ -126,12 +128,25 @@ def test_tri_planar_embed_cluster_and_mismatch_under_two_ranks(data, tmp_path):
                        keep_features="pca", pca_dim=3)
     emb1 = run_embed(data["checkpoint"], data["input_path"], tmp_path / "emb1.npy", [0, 3, 5], device="cpu")
     c1 = run_cluster(**data, **COMMON, output=tmp_path / "c1.npz")
+    ome1 = run_segment(**data, **COMMON, output=tmp_path / "ome1.ome.zarr", sweep=[2], voxel_size=(0.04, 0.01, 0.01),
+                       pyramid_min_side=16)
     results = _wait(procs)
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     _same_output(tri1, tmp_path / "tri2.zarr")
     assert {"features_pca_axis0", "features_pca_axis1", "features_pca_axis2"} <= set(_arrays(tri1))
     assert np.array_equal(np.load(emb1), np.load(tmp_path / "emb2.npy"))
     assert np.array_equal(np.load(c1)["centers"], np.load(tmp_path / "c2.npz")["centers"])
+    # OME-Zarr output: every array of the store (label images with their pyramids, the image copy) identical
+    one_ome = {n: a for n, a in zarr.open_group(store=str(ome1), mode="r").members(max_depth=None)
+               if isinstance(a, zarr.Array)}
+    two_ome = {n: a for n, a in zarr.open_group(store=str(tmp_path / "ome2.ome.zarr"), mode="r").members(max_depth=None)
+               if isinstance(a, zarr.Array)}
+    assert sorted(one_ome) == sorted(two_ome) and {"labels/clusters/1", "labels/clusters_k2/0", "0"} <= set(one_ome)
+    for name, arr in one_ome.items():
+        assert np.array_equal(arr[:], two_ome[name][:]), name
+    from micromae.io import omezarr
+
+    omezarr.validate(tmp_path / "ome2.ome.zarr")
     for rank in (0, 1):  # every rank refuses, naming what differs; nothing written
         message = (tmp_path / f"mismatch.rank{rank}").read_text()
         assert message.startswith("MicromaeInputError: ")
