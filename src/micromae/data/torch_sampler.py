@@ -241,7 +241,7 @@ class TorchPlaneCropSampler(PlaneCropSampler):
         rows, cols = self._nearest(p[5], p[10]), self._nearest(p[6], p[9])
         ri, r_in = self._axis_index(row0, n_rows, rows)
         ci, c_in = self._axis_index(col0, n_cols, cols)
-        index = base[:, None, None] + ri[:, :, None] * r_stride[:, None, None] + ci[:, None, :] * c_stride[:, None, None]
+        index = (base[:, None] + ri * r_stride[:, None])[:, :, None] + (ci * c_stride[:, None])[:, None, :]
         labels = self._gather(self._label_flat, p[0], index, torch.int64)
         if self.pad_mode == "constant":
             labels = labels.masked_fill_(~(r_in[:, :, None] & c_in[:, None, :]), self.ignore_index)
