@@ -132,6 +132,7 @@ class TrainConfig:
     ckpt_every: int = 500
     figure_every: int = 500
     keep_checkpoints: int = 2  # step checkpoints kept besides last.pt
+    compile: bool = False  # torch.compile the training model (inductor; random ops drawn as in eager mode)
 
 
 @dataclass
