@@ -5,8 +5,8 @@ The sampler cuts 80x80 crops (batch 32) from the three orthogonal planes of the 
 FOV in the ZX and ZY planes with 4 px padding), measured four ways: ``sample_batch`` in the main
 process, through ``make_loader`` with ``num_workers=0`` and ``num_workers=1``, and the on-device sampler
 (``TorchPlaneCropSampler`` on ``--device``, same draws; mode ``torch_sample_batch``). The consumer is one
-training step of the paper-default MAE at batch 32 (forward + backward + AdamW), timed in the same run. Each path is timed
-alone: the rate a worker delivers while training runs beside it on the same cores is lower.
+training step of the paper-default MAE at batch 32 (forward + backward + AdamW), timed in the same run. Each
+path is timed alone: the rate a worker delivers while training runs beside it on the same cores is lower.
 
 Figures: peak (and peak_end, measured again after the timings), train_crops_per_s, per mode:
 sampler_crops_per_s and data_ratio (goal >= 5), and torch_vs_numpy: the torch sampler's crops/s over numpy's
