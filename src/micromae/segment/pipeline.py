@@ -84,7 +84,8 @@ def volume_range(volume: Any, config: dict, normalize: str | None = None) -> tup
 
 def check_settings(settings: SegmentSettings) -> None:
     """Options of the embedding the CLI cannot check by type."""
-    at_least("--batch-size", settings.batch_size, 0)  # 0: auto
+    at_least("--batch-size", settings.batch_size, 0,
+             "Pass --batch-size 1 or more, or 0 to choose it from free device memory (256 on a CPU)")
     if settings.central_tokens is not None:
         at_least("--central-tokens", settings.central_tokens, 1)
 
