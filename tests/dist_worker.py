@@ -44,16 +44,16 @@ def main(jobs_path: str) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    real = volume.embed_pixels_region
+    real = volume.embed_region
     for job in json.loads(Path(jobs_path).read_text()):
-        volume.embed_pixels_region = real
+        volume.embed_region = real
         kwargs = {**job["kwargs"], **job.get("rank_kwargs", {}).get(str(rank), {})}
         if "settings" in kwargs:
             kwargs["settings"] = SegmentSettings(**{**kwargs["settings"], "axes": tuple(kwargs["settings"]["axes"])})
         if job.get("die_in_plane") and job["die_in_plane"][0] == rank:
-            volume.embed_pixels_region = _dying(real, job["die_in_plane"][1])
+            volume.embed_region = _dying(real, job["die_in_plane"][1])
         if job.get("fail_in_plane") and job["fail_in_plane"][0] == rank:
-            volume.embed_pixels_region = _dying(real, job["fail_in_plane"][1], kill=False)
+            volume.embed_region = _dying(real, job["fail_in_plane"][1], kill=False)
         run = {"segment": pipeline.run_segment, "cluster": pipeline.run_cluster, "embed": pipeline.run_embed}
         try:
             run[job["verb"]](**kwargs)

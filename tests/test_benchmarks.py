@@ -26,7 +26,8 @@ EXPECTED_FIGURES = {
     "bench_encoder": {"peak", "peak_end", "encoder_gflops", "encoder_mfu", "encoder_images_per_s", "timm_gflops",
                       "timm_mfu", "encoder_vs_timm"},
     "bench_pretrain": {"peak", "peak_end", "pretrain_mfu", "pretrain_gflops", "pretrain_images_per_s"},
-    "bench_sampler": {"peak", "peak_end", "train_crops_per_s", "sampler_crops_per_s", "data_ratio"},
+    "bench_sampler": {"peak", "peak_end", "train_crops_per_s", "sampler_crops_per_s", "data_ratio",
+                      "torch_vs_numpy"},
 }
 
 
@@ -112,7 +113,8 @@ def check_lines(lines: list[dict], bench: str) -> None:
         assert line["env"]["other_load"] is None or line["env"]["other_load"] >= 0
     goals = {line["figure"]: line["goal"] for line in lines if line["goal"] is not None}
     expected_goals = {"bench_encoder": {"encoder_mfu": 0.85, "encoder_vs_timm": 0.97},
-                      "bench_pretrain": {"pretrain_mfu": 0.5}, "bench_sampler": {"data_ratio": 5.0}}
+                      "bench_pretrain": {"pretrain_mfu": 0.5},
+                      "bench_sampler": {"data_ratio": 5.0, "torch_vs_numpy": 5.0}}
     assert goals == expected_goals[bench]
 
 
@@ -130,7 +132,7 @@ def test_script_quick_prints_json_lines(bench, tmp_path):
         assert sorted(line["batch"] for line in printed if line["figure"] == "pretrain_mfu") == [2, 4]
     if bench == "bench_sampler":
         modes = {line["mode"] for line in printed if line["figure"] == "data_ratio"}
-        assert modes == {"sample_batch", "make_loader_workers0", "make_loader_workers1"}
+        assert modes == {"sample_batch", "make_loader_workers0", "make_loader_workers1", "torch_sample_batch"}
 
 
 def test_every_script_is_known_to_this_test():
@@ -169,3 +171,20 @@ def test_reporter_flags_missed_goals_and_writes_jsonl(common, tmp_path, capsys):
     assert [line["met"] for line in printed] == [False, None] and printed[0]["batch"] == 4
     assert [json.loads(line) for line in path.read_text().splitlines()] == printed
     assert path == tmp_path / "bench_x.jsonl"
+
+
+def test_cpu_idle_collects_the_figures_with_the_load_into_json_and_a_table(tmp_path):
+    """benchmarks/cpu_idle.py --quick on two of its parts (the whole command, demo included, is the lead's
+    idle-machine run)."""
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "cpu_idle.py"), "--quick", "--out", str(tmp_path),
+                           "--parts", "bench_encoder", "bench_sampler"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "cpu_idle.json").read_text())
+    labels = {f["label"] for f in result["figures"]}
+    assert labels == {"encoder inference MFU (batch 64)", "encoder throughput / timm's", "numpy sampler crops/s",
+                      "torch sampler crops/s", "torch sampler / numpy sampler", "sampler (1 worker) / training step"}
+    for f in result["figures"]:
+        assert f["value"] > 0 and f["load_before"] >= 0 and f["load_after"] >= 0
+    assert set(result["parts"]) == {"bench_encoder", "bench_sampler", "demo"} and result["parts"]["demo"]["skipped"]
+    table = (tmp_path / "cpu_idle.md").read_text()
+    assert table.count("\n") == 2 + len(labels) and "torch sampler / numpy sampler" in table

@@ -304,7 +304,7 @@ def test_fast_mode_needs_at_least_20x_fewer_windows_for_the_paper_geometry() -> 
     (dict(central_tokens=True), "central_tokens"),
     (dict(central_tokens=2, pad_mode="wrap"), "pad_mode"),
     (dict(central_tokens=2, mode="slow"), "mode"),
-    (dict(central_tokens=2, batch_size=0), "batch_size"),
+    (dict(central_tokens=2, batch_size=-1), "batch_size"),  # 0 is auto (from free device memory)
 ])
 def test_bad_options_raise_input_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(MicromaeInputError, match=match):

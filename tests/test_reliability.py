@@ -94,7 +94,7 @@ PRE = ("pretrain maester_tiny model.img_size=20 model.patch_size=5 model.embed_d
 
 CASES: dict[str, Case] = {
     # segment
-    "segment batch size 0": Case(SEG + "--batch-size 0", ("--batch-size", "at least 1")),
+    "segment batch size -1": Case(SEG + "--batch-size -1", ("--batch-size", "at least 0")),  # 0 is auto
     "segment k 1": Case(SEG + "--k 1", ("--k", "at least 2")),
     "segment k above the pixels": Case(SEG + "--k 400", ("--k", "sampled pixels (300)")),
     "segment descending sweep": Case(SEG + "--sweep 10..4", ("--sweep", "ascending")),
@@ -142,7 +142,7 @@ CASES: dict[str, Case] = {
     "embed slice out of range": Case(EMB + "--output {out}/e.npy --slices 5..99", ("--slices", "0..7")),
     "embed png output": Case(EMB + "--output {out}/e.png", (".npy",)),
     "embed existing output": Case(EMB + "--output {bad}/existing.zarr", ("an existing",), keeps="existing.zarr"),
-    "embed batch size 0": Case(EMB + "--output {out}/e.npy --batch-size 0", ("--batch-size",)),
+    "embed batch size -1": Case(EMB + "--output {out}/e.npy --batch-size -1", ("--batch-size",)),
     # pretrain
     "pretrain steps 0": Case(PRE + "train.steps=0", ("train.steps", "at least 1")),
     "pretrain steps -5": Case(PRE + "train.steps=-5", ("train.steps",)),
@@ -414,7 +414,7 @@ import micromae.segment.cluster as cluster, micromae.segment.fit as fit, microma
 if stage == "sampling":
     fit.encode_windows = count_then_die(fit.encode_windows)
 elif stage == "planes":
-    volume.embed_pixels_region = count_then_die(volume.embed_pixels_region)
+    volume.embed_region = count_then_die(volume.embed_region)
 elif stage == "after the last plane":
     cluster.ClusterModel.save = count_then_die(cluster.ClusterModel.save)
 elif stage == "before the rename":

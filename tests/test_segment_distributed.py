@@ -168,13 +168,13 @@ def test_killed_rank_resumes_with_another_world_size(data, plain_one, tmp_path, 
     assert not target.exists() and partial.exists()
     records = {p.name: json.loads(p.read_text())["done"] for p in partial.with_name(partial.name + ".done").glob("*")}
     assert records == {"rank0.json": {"0": [0, 2, 4, 6]}, "rank1.json": {"0": [1]}}
-    real, calls = volume_mod.embed_pixels_region, []
+    real, calls = volume_mod.embed_region, []
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(volume_mod, "embed_pixels_region", counting)
+    monkeypatch.setattr(volume_mod, "embed_region", counting)
     run_segment(**data, **COMMON, output=target, sweep=[2, 4], keep_features="pca")  # now one process
     assert len(calls) == 3  # planes 3, 5, 7 only (one tile per plane)
     _same_output(plain_one, target)

@@ -70,7 +70,7 @@ def test_other_axis_equals_direct(tmp_path, encoder, vol):
 
 def test_interrupted_run_resumes_and_skips_finished_planes(tmp_path, encoder, vol, monkeypatch):
     models = {"labels": _models(encoder, vol.image)["labels"]}
-    real = volume_mod.embed_pixels_region
+    real = volume_mod.embed_region
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -79,7 +79,7 @@ def test_interrupted_run_resumes_and_skips_finished_planes(tmp_path, encoder, vo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(volume_mod, "embed_pixels_region", flaky)
+    monkeypatch.setattr(volume_mod, "embed_region", flaky)
     target = tmp_path / "r.zarr"
     with pytest.raises(KeyboardInterrupt):
         segment_volume(encoder, vol.image, target, models, RANGE, progress=False)

@@ -21,7 +21,8 @@ def _settings(args: argparse.Namespace):
     else:
         axes = (args.axis,) if hasattr(args, "axis") else SegmentSettings().axes
     return SegmentSettings(central_tokens=args.central_tokens, mode=args.mode, pad_mode=args.pad_mode,
-                           axes=axes, batch_size=args.batch_size, amp=not args.no_amp)
+                           axes=axes, batch_size=args.batch_size, amp=not args.no_amp,
+                           compile=getattr(args, "compile", False))
 
 
 def _parse_ks(text: str | None, option: str = "--sweep") -> list[int]:
@@ -135,7 +136,9 @@ def inference_options(q: argparse.ArgumentParser, volume: bool = True, required:
                         "with less context)")
     q.add_argument("--pad-mode", default="reflect", choices=("reflect", "symmetric", "constant", "edge"),
                    help="how borders are padded (default reflect)")
-    q.add_argument("--batch-size", type=int, default=256, help="windows per encoder pass (default 256)")
+    q.add_argument("--batch-size", type=int, default=0,
+                   help="windows per encoder pass (default 0: 256 on the CPU, from free GPU memory on CUDA)")
+    q.add_argument("--compile", action="store_true", help="torch.compile the encoder pass (needs a C++ compiler)")
     q.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N")
     q.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     if volume:

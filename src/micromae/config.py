@@ -87,6 +87,7 @@ class DataConfig:
     normalize: Normalize = "auto"  # auto: dtype for 8-bit data, percentile for 16-bit and float
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     num_workers: int = 0
+    sampler: Literal["auto", "numpy", "torch"] = "auto"  # plane crops cut by numpy (workers) or torch (on device)
     n_images: int = 16  # synthetic_mif: how many images (each synthetic_shape[-2:] pixels)
     crop_scale: float = 0.5  # images/synthetic_mif: side of the random crop resized to the FOV, as a fraction
 
@@ -148,6 +149,7 @@ class TrainConfig:
     ckpt_every: int = 500
     figure_every: int = 500
     keep_checkpoints: int = 2  # step checkpoints kept besides last.pt
+    compile: bool = False  # torch.compile the training model (inductor; random ops drawn as in eager mode)
 
 
 @dataclass

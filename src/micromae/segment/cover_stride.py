@@ -51,7 +51,8 @@ from micromae.runtime import eval_mode
 
 __all__ = ["PixelGeometry", "AxisPlan", "encoder_geometry", "plan_axis", "pad_index", "block_size",
            "context_margin", "count_windows", "read_padded", "encode_windows", "encode_lattice",
-           "embed_pixels", "embed_pixels_batch", "embed_pixels_region", "embed_pixels_naive"]
+           "embed_pixels", "embed_pixels_batch", "embed_pixels_region", "embed_pixels_naive", "RegionRead",
+           "read_region", "embed_region", "auto_batch_size", "CompiledEncoder"]
 
 MODES = ("exact", "fast")
 PAD_MODES = {"reflect": "reflect", "symmetric": "symmetric", "constant": "constant", "zero": "constant",
@@ -297,6 +298,87 @@ def _check_source(source: Any, geom: PixelGeometry) -> tuple[int, ...]:
     return shape
 
 
+CPU_BATCH = 256  # windows per encoder pass on the CPU (and the CLI's default before auto existed)
+
+
+def auto_batch_size(encoder: nn.Module, device: torch.device | str, fraction: float = 0.5,
+                    largest: int = 8192) -> int:
+    """Windows per encoder pass: 256 on the CPU; on CUDA as many as ``fraction`` of the free device memory
+    holds, at a generous estimate of the activations of one window (80 bytes per token and channel: an fp32
+    copy of the tokens, q, k, v, the attention output and the 4x MLP hidden layer, twice over), as a power of
+    two in [64, ``largest``]."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    grid = tuple(int(g) for g in _attr(encoder, "grid_size"))
+    tokens = math.prod(grid) + 1
+    per_window = 80 * tokens * int(encoder.embed_dim)
+    fit = max(64, int(fraction * free // per_window))
+    return int(min(largest, 2 ** int(math.log2(fit))))
+
+
+@dataclass(frozen=True)
+class RegionRead:
+    """A region read with its context margin and scaled, ready to encode: ``padded`` ``(S, C, Hp, Wp)``
+    float32 (on the CPU in pinned memory when read ahead for a CUDA encoder), the geometry and the axis
+    plans; ``height``, ``width`` of the region; ``stack``: the source was ``(S, C, H, W)``."""
+
+    padded: torch.Tensor
+    geom: PixelGeometry
+    plans: tuple[AxisPlan, AxisPlan]
+    height: int
+    width: int
+    stack: bool
+
+
+def read_region(encoder: nn.Module, source: Any, y0: int, x0: int, height: int, width: int,
+                central_tokens: int | None = None, mode: str = "exact", pad_mode: str = "reflect",
+                intensity_range: tuple[float, float] | None = None, device: torch.device | str | None = None,
+                pin: bool = False) -> RegionRead:
+    """Check and read what :func:`embed_pixels_region` encodes: the rectangle plus its margin, padded and
+    scaled, on ``device`` (default: the encoder's); ``pin``: into pinned host memory (for a non-blocking copy
+    to the GPU later). Safe to call from a background thread while the encoder runs."""
+    geom = encoder_geometry(encoder, central_tokens, mode)
+    shape = _check_source(source, geom)
+    _check_region(shape, y0, x0, height, width)
+    _check_pad_mode(pad_mode)
+    plans = (plan_axis(geom, 0, height), plan_axis(geom, 1, width))
+    ys = np.arange(plans[0].padded) + (y0 - plans[0].before)
+    xs = np.arange(plans[1].padded) + (x0 - plans[1].before)
+    where = torch.device(device) if device is not None else _encoder_device(encoder)
+    padded = read_padded(source, ys, xs, pad_mode, intensity_range, where)
+    if pin and where.type == "cpu":
+        padded = padded.pin_memory()
+    return RegionRead(padded, geom, plans, height, width, len(shape) == 4)
+
+
+@torch.inference_mode()
+def embed_region(encoder: nn.Module, region: RegionRead, batch_size: int = 256,
+                 device: torch.device | str | None = None, out_dtype: torch.dtype = torch.float32,
+                 amp: bool = True, progress: bool = False) -> torch.Tensor:
+    """Encode a :class:`RegionRead` (copied to the encoder's device, non-blocking from pinned memory);
+    ``batch_size`` 0: :func:`auto_batch_size`. Returns as :func:`embed_pixels_region`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise input_error("batch_size", "an int >= 1 (or 0: chosen from free device memory)", repr(batch_size),
+                          "Use e.g. 256 windows per pass")
+    enc_dev = _encoder_device(encoder)
+    batch_size = batch_size or auto_batch_size(encoder, enc_dev)
+    out_dev = torch.device(device) if device is not None else enc_dev
+    geom, plans = region.geom, region.plans
+    padded = region.padded.to(enc_dev, non_blocking=True)
+    n_slices, height, width = padded.shape[0], region.height, region.width
+    with eval_mode(encoder):
+        if geom.mode == "exact":
+            out = torch.empty(n_slices, geom.embed_dim, height, width, dtype=out_dtype, device=out_dev)
+            encode_lattice(encoder, padded, geom, plans, out, batch_size, amp, progress)
+        else:
+            from micromae.segment.fast_modes import embed_tokens_fast, upsample_tokens  # local: it imports us
+            tokens = embed_tokens_fast(encoder, padded, geom, plans, out_dtype, out_dev, batch_size, amp, progress)
+            out = upsample_tokens(tokens, geom, height, width)
+    return out if region.stack else out[0]
+
+
 @torch.inference_mode()
 def embed_pixels_region(encoder: nn.Module, source: Any, y0: int, x0: int, height: int, width: int,
                         central_tokens: int | None = None, mode: str = "exact", pad_mode: str = "reflect",
@@ -311,30 +393,34 @@ def embed_pixels_region(encoder: nn.Module, source: Any, y0: int, x0: int, heigh
     image. With ``y0``, ``x0`` multiples of :func:`block_size` the result equals the whole-image result on
     the rectangle. mode: "exact" (cover-and-stride) or "fast" (:mod:`micromae.segment.fast_modes`).
     device: where the output lives (default: the encoder's device; the encoder runs where it is).
+    batch_size: windows per encoder pass; 0 chooses it (:func:`auto_batch_size`).
     Returns ``(D, height, width)``, or ``(S, D, height, width)`` for a 4-D source, in ``out_dtype``.
+    Reading and encoding are :func:`read_region` and :func:`embed_region` (segmentation overlaps them).
     """
-    geom = encoder_geometry(encoder, central_tokens, mode)
-    shape = _check_source(source, geom)
-    _check_region(shape, y0, x0, height, width)
-    _check_pad_mode(pad_mode)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise input_error("batch_size", "an int >= 1", repr(batch_size), "Use e.g. 256 windows per pass")
-    enc_dev = _encoder_device(encoder)
-    out_dev = torch.device(device) if device is not None else enc_dev
-    plans = (plan_axis(geom, 0, height), plan_axis(geom, 1, width))
-    ys = np.arange(plans[0].padded) + (y0 - plans[0].before)
-    xs = np.arange(plans[1].padded) + (x0 - plans[1].before)
-    padded = read_padded(source, ys, xs, pad_mode, intensity_range, enc_dev)
-    n_slices = padded.shape[0]
-    with eval_mode(encoder):
-        if mode == "exact":
-            out = torch.empty(n_slices, geom.embed_dim, height, width, dtype=out_dtype, device=out_dev)
-            encode_lattice(encoder, padded, geom, plans, out, batch_size, amp, progress)
-        else:
-            from micromae.segment.fast_modes import embed_tokens_fast, upsample_tokens  # local: it imports us
-            tokens = embed_tokens_fast(encoder, padded, geom, plans, out_dtype, out_dev, batch_size, amp, progress)
-            out = upsample_tokens(tokens, geom, height, width)
-    return out if len(shape) == 4 else out[0]
+    region = read_region(encoder, source, y0, x0, height, width, central_tokens, mode, pad_mode, intensity_range)
+    return embed_region(encoder, region, batch_size, device, out_dtype, amp, progress)
+
+
+class CompiledEncoder(nn.Module):
+    """``encoder`` with ``forward_features`` compiled by ``torch.compile`` (dynamic batch size); every other
+    attribute (geometry, ``embed_dim``, parameters) is the encoder's."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._compiled = torch.compile(encoder.forward_features, dynamic=True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compiled(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.encoder, name)
 
 
 def embed_pixels(encoder: nn.Module, image: Any, central_tokens: int | None = None, pad_mode: str = "reflect",

@@ -21,7 +21,7 @@ from micromae.io.preflight import existing_ancestor
 from micromae.models.pretrained import load_encoder
 from micromae.runtime import resolve_device, say
 from micromae.segment.cluster import ClusterModel
-from micromae.segment.cover_stride import embed_pixels_region
+from micromae.segment.cover_stride import auto_batch_size, embed_pixels_region
 from micromae.segment.distributed import DistInfo, barrier, broadcast, check_same, current_world, share, together
 from micromae.segment.fit import EmbeddingSample, fit_cluster_models, sample_capacity, sample_pixel_embeddings
 from micromae.segment.planes import PlaneView
@@ -86,7 +86,8 @@ def volume_range(volume: Any, config: dict, normalize: str | None = None) -> tup
 
 def check_settings(settings: SegmentSettings) -> None:
     """Options of the embedding the CLI cannot check by type."""
-    at_least("--batch-size", settings.batch_size, 1)
+    at_least("--batch-size", settings.batch_size, 0,
+             "Pass --batch-size 1 or more, or 0 to choose it from free device memory (256 on a CPU)")
     if settings.central_tokens is not None:
         at_least("--central-tokens", settings.central_tokens, 1)
 
@@ -119,6 +120,10 @@ def check_sample(volume: Any, mask: Any, ks: Sequence[int], n_samples: int, seed
     return n
 
 
+def _device_of(encoder: torch.nn.Module) -> torch.device:
+    return next(encoder.parameters()).device
+
+
 def fit_clusters(encoder: torch.nn.Module, volume: Any, ks: Sequence[int], rng_range: tuple[float, float],
                  n_samples: int = 200_000, seed: int = 0, mask: Any = None, settings: SegmentSettings | None = None,
                  meta: dict[str, Any] | None = None) -> tuple[dict[int, ClusterModel], EmbeddingSample]:
@@ -127,7 +132,8 @@ def fit_clusters(encoder: torch.nn.Module, volume: Any, ks: Sequence[int], rng_r
     n_samples = check_sample(volume, mask, ks, n_samples, seed, settings)
     sample = sample_pixel_embeddings(encoder, volume, n_samples, rng_range, axes=settings.axes,
                                      central_tokens=settings.central_tokens, pad_mode=settings.pad_mode,
-                                     mask=mask, batch_size=settings.batch_size, seed=seed)
+                                     mask=mask, seed=seed,
+                                     batch_size=settings.batch_size or auto_batch_size(encoder, _device_of(encoder)))
     bad = [k for k in ks if k > len(sample.features)]
     if bad:
         raise input_error("--k", f"at most the number of sampled pixels ({len(sample.features)})", str(bad),

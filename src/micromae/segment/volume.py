@@ -17,6 +17,7 @@ argmin of the averaged squared distances, and only ``k`` distances per voxel and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import uuid
@@ -33,10 +34,11 @@ from tqdm.auto import tqdm
 import micromae
 from micromae.errors import input_error
 from micromae.segment.cluster import ClusterModel
-from micromae.segment.cover_stride import block_size, embed_pixels_region
+from micromae.segment.cover_stride import CompiledEncoder, block_size, embed_region
 from micromae.segment.distributed import (DistInfo, DoneRecords, barrier, check_same, current_world, folder_of,
                                           share, together)
-from micromae.segment.planes import PlaneView, check_axis, plane_index, plane_shape
+from micromae.segment.planes import check_axis, plane_index, plane_shape
+from micromae.segment.prefetch import tile_reads
 
 KEEP_FEATURES = ("none", "pca", "full")
 
@@ -49,9 +51,10 @@ class SegmentSettings:
     mode: str = "exact"  # exact | fast
     pad_mode: str = "reflect"
     axes: tuple[int, ...] = (0,)  # (0,): slice by slice along Z; (0, 1, 2): tri-planar
-    batch_size: int = 256
+    batch_size: int = 0  # windows per encoder pass; 0: 256 on the CPU, from free device memory on CUDA
     tile: int = 0  # in-plane tile side in pixels; 0: the largest block multiple keeping a tile's features < 256 MB
     amp: bool = True
+    compile: bool = False  # torch.compile the encoder pass (same labels up to float rounding)
 
 
 def _tile_side(encoder: nn.Module, settings: SegmentSettings, budget_bytes: int = 256 << 20) -> int:
@@ -280,31 +283,32 @@ def _run_axis(encoder: nn.Module, volume: Any, group: zarr.Group, axis: int, pla
     height, width = plane_shape(shape, axis)
     todo = plan.share([i for i in range(shape[axis]) if i not in done])
     bar = tqdm(todo, desc=f"segment along {'ZYX'[axis]}", unit="plane", disable=not progress or not todo)
+    # the next tile is read (and scaled) in a background thread while the encoder works on this one
+    tiles = [(y0, x0, min(tile, height - y0), min(tile, width - x0))
+             for y0 in range(0, height, tile) for x0 in range(0, width, tile)]
+    encode = CompiledEncoder(encoder) if settings.compile else encoder
+    reads = tile_reads(encoder, volume, axis, todo, tiles, settings, intensity_range)
     for index in bar:
-        plane = PlaneView(volume, axis, index)
-        for y0 in range(0, height, tile):
-            for x0 in range(0, width, tile):
-                th, tw = min(tile, height - y0), min(tile, width - x0)
-                feats = embed_pixels_region(encoder, plane, y0, x0, th, tw, settings.central_tokens, settings.mode,
-                                            settings.pad_mode, settings.batch_size, amp=settings.amp,
-                                            intensity_range=intensity_range)  # (D, th, tw)
-                flat = feats.reshape(feats.shape[0], -1).T  # (th*tw, D)
-                rows, cols = slice(y0, y0 + th), slice(x0, x0 + tw)
-                for name, model in clusters.items():
-                    if fused:
-                        dist = model.squared_distances(flat).T.reshape(model.k, th, tw)
-                        group[f"dist_{name}_axis{axis}"][(slice(None), *plane_index(axis, index, rows, cols))] = (
-                            dist.cpu().numpy().astype(np.float16))
-                    else:
-                        lab = model.predict(flat).reshape(th, tw).cpu().numpy()
-                        group[name][plane_index(axis, index, rows, cols)] = lab.astype(group[name].dtype)
-                if pca is not None:
-                    red = _project(flat, pca).T.reshape(-1, th, tw)
-                    arr = feature_array("pca", axis if fused else None)
-                    group[arr][(slice(None), *plane_index(axis, index, rows, cols))] = red.astype(np.float16)
-                if plan.keep_full:
-                    group[feature_array("full", axis if fused else None)][
-                        (slice(None), *plane_index(axis, index, rows, cols))] = feats.cpu().numpy().astype(np.float16)
+        for (_, (y0, x0, th, tw)), region in itertools.islice(reads, len(tiles)):
+            feats = embed_region(encode, region, settings.batch_size, amp=settings.amp)  # (D, th, tw), on device
+            flat = feats.reshape(feats.shape[0], -1).T  # (th*tw, D)
+            rows, cols = slice(y0, y0 + th), slice(x0, x0 + tw)
+            for name, model in clusters.items():  # cluster assignment on the encoder's device
+                if fused:
+                    dist = model.squared_distances(flat).T.reshape(model.k, th, tw)
+                    group[f"dist_{name}_axis{axis}"][(slice(None), *plane_index(axis, index, rows, cols))] = (
+                        dist.cpu().numpy().astype(np.float16))
+                else:
+                    lab = model.predict(flat).reshape(th, tw).to(torch.int32).cpu().numpy()
+                    group[name][plane_index(axis, index, rows, cols)] = lab.astype(group[name].dtype)
+            if pca is not None:
+                red = _project(flat, pca).T.reshape(-1, th, tw)
+                arr = feature_array("pca", axis if fused else None)
+                group[arr][(slice(None), *plane_index(axis, index, rows, cols))] = red.astype(np.float16)
+            if plan.keep_full:
+                full = feats.float().cpu().numpy().astype(np.float16)
+                group[feature_array("full", axis if fused else None)][
+                    (slice(None), *plane_index(axis, index, rows, cols))] = full
         if plan.record is not None:
             plan.record(axis, index)
         if plan.plane_done is not None:

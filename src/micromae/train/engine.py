@@ -179,6 +179,8 @@ def train(
     if info.enabled:
         ddp_ids = [device.index] if device.type == "cuda" else None
         module = nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+    if cfg.compile:
+        module = compile_module(module)
 
     logger = RunLogger(run_dir, enabled=info.is_main)
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
@@ -252,6 +254,30 @@ def train(
         bar.close()
         logger.close()
     return TrainResult(step=step, last_loss=last_loss, run_dir=run_dir, checkpoint=last_ckpt)
+
+
+def compile_module(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)`` (inductor) with random ops drawn from torch's generator as in eager mode, so
+    masks, the resume and the loss curve match an eager run; a clear error where inductor cannot run."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    reason = compile_unavailable()
+    if reason:
+        raise input_error("train.compile=true", "a working torch.compile (inductor) backend", reason,
+                          "Set train.compile=false (eager mode gives the same results, only slower)")
+    return torch.compile(module)
+
+
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run here (None if it can): inductor needs a C++ compiler for CPU code."""
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return "no C++ compiler (g++, c++ or clang++) on PATH, which inductor needs to build CPU kernels"
+    return None
 
 
 def _check_finite(loss: torch.Tensor, step: int, info: DistInfo, device: torch.device,

@@ -9,6 +9,7 @@ import torch
 from micromae.config import PretrainConfig, to_dict
 from micromae.data.image_stream import build_image_dataset, image_stream
 from micromae.data.sampler import PlaneCropSampler, make_loader
+from micromae.data.torch_sampler import TorchPlaneCropSampler, choose_sampler
 from micromae.data.volumes import load_training_volumes
 from micromae.errors import input_error
 from micromae.figures import plot_loss_curves
@@ -69,14 +70,18 @@ def sampler_planes(volumes: list, planes: list[str]) -> tuple[str, ...]:
     return planes
 
 
-def build_sampler(cfg: PretrainConfig, rank: int = 0) -> PlaneCropSampler:
+def build_sampler(cfg: PretrainConfig, rank: int = 0, device: torch.device | str = "cpu") -> PlaneCropSampler:
+    """The plane-crop sampler of ``cfg.data``: numpy (crops cut in data-loader workers) or, with
+    ``data.sampler=torch`` (``auto`` on CUDA), :class:`TorchPlaneCropSampler` building batches on ``device``.
+    Both draw the same crops for the same (seed, rank, step)."""
     d = cfg.data
     volumes = load_training_volumes(d)
-    return PlaneCropSampler(
-        volumes, fov=cfg.model.img_size, planes=sampler_planes(volumes, d.planes), pad=d.pad,
-        pad_mode=d.pad_mode, min_crop_frac=d.min_crop_frac, flip_p=d.flip_p, normalize=d.normalize,
-        percentiles=tuple(d.percentiles), seed=cfg.train.seed, rank=rank,
-    )
+    kwargs = dict(fov=cfg.model.img_size, planes=sampler_planes(volumes, d.planes), pad=d.pad,
+                  pad_mode=d.pad_mode, min_crop_frac=d.min_crop_frac, flip_p=d.flip_p, normalize=d.normalize,
+                  percentiles=tuple(d.percentiles), seed=cfg.train.seed, rank=rank)
+    if choose_sampler(d.sampler, torch.device(device)) == "torch":
+        return TorchPlaneCropSampler(volumes, device=device, **kwargs)
+    return PlaneCropSampler(volumes, **kwargs)
 
 
 LOSS_TERMS = ("loss", "loss_p1", "loss_p2", "loss_f")
@@ -111,9 +116,15 @@ def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
             return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
                                 info.world_size, cfg.data.num_workers, device.type == "cuda")
     else:
-        sampler = build_sampler(cfg, rank=info.rank)
+        sampler = build_sampler(cfg, rank=info.rank, device=device)
+        on_device = isinstance(sampler, TorchPlaneCropSampler)
+        if on_device and cfg.data.num_workers > 0 and info.is_main:
+            say(f"data.sampler=torch builds batches on {device} in the training process: "
+                f"data.num_workers={cfg.data.num_workers} is not used")
 
         def open_stream(start: int):
+            if on_device:
+                return sampler.stream(cfg.train.batch_size, start_step=start)
             return make_loader(sampler, cfg.train.batch_size, start_step=start,
                                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     model = build_model(cfg)
