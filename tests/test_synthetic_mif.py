@@ -340,7 +340,8 @@ def test_pools_share_no_image(tmp_path):
     assert not any(np.array_equal(a, b) for a in pixels["pretrain"] for b in pixels["labelled"])
     rows = list(csv.DictReader(pools["labelled"]["cells_table"].open()))
     assert rows and {r["image"] for r in rows} <= set(names["labelled"])
-    crops = sorted(p.relative_to(pools["labelled"]["root"]).as_posix() for p in pools["labelled"]["cells"].rglob("*.tif"))
+    root = pools["labelled"]["root"]
+    crops = sorted(p.relative_to(root).as_posix() for p in pools["labelled"]["cells"].rglob("*.tif"))
     assert crops == sorted(r["file"] for r in rows)
     # the labelled images are the generator's images 2 and 3 of the same seed and preset
     np.testing.assert_array_equal(pixels["labelled"][0], make_mif_image((96, 96), seed=[5, 2], realism="paper").image)
