@@ -47,6 +47,7 @@ SEED = 2024  # generator seed of the benchmark's pools (never the presets' train
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny everything (for tests; the figures mean nothing)")
+    p.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only (the calibration's budget)")
     p.add_argument("--out", type=Path, default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
     p.add_argument("--realism", default="paper", choices=sorted(REALISM), help="generator preset (default paper)")
     p.add_argument("--crop-size", type=int, default=64, help="side of the single-cell crops (default 64)")

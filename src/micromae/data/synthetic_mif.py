@@ -22,7 +22,20 @@ An image has the seven channels of the DAMA rat-brain panel (``CHANNELS``) and c
    noise, and a different dynamic range and offset per channel (plus a per-image gain), to uint16.
 
 Classes therefore differ by marker *and* by shape and context (processes, vessels, nuclear texture). A
-512×512×7 image with ~100 cells takes well under a second on 2 cores. :func:`extract_cell_crops` cuts the
+512×512×7 image with ~100 cells takes well under a second on 2 cores.
+
+**Realism presets** (``realism=``, :data:`REALISM`; ``micromae data synth-mif --realism``). ``default`` is
+the fields' defaults, kept bit for bit (tests and earlier benchmarks use it): sparse cells with tight, separate
+marker levels, so a cell's channel means alone tell its type (logistic regression on 32-px crop means 0.94).
+``paper`` makes crops like the DAMA paper's, where "only the central cell is what we are interested in":
+dense tissue (``density`` 12 per 100×100: neighbours' somata cover about a third of a 64-px crop, most of
+another type, their processes and blur bleeding in), wide and overlapping marker levels (``expression_sigma``
+0.6; a quarter of the cells dim positives, ``dim_fraction`` 0.25 at 0.1–0.4 of their level; off-target markers
+at 0.15 with ``off_target_sigma`` 0.8, so some are bright), stronger bleed-through (0.1) and per-image gain
+(``gain_sigma`` 0.3). The type then lies in the spatial pattern of the central cell's marker (nuclear,
+cytoplasmic, ring, processes) and in its morphology more than in its intensity: the channel means of a crop
+fall far below 0.70 (``benchmarks/mif_calibration.py``, BENCHMARKS.md "A multiplex benchmark with room above
+random init"). :func:`extract_cell_crops` cuts the
 classification set (crops centred on cells, type as label), :func:`mif_to_coco` writes COCO instance
 segmentation, and :func:`write_mif_dataset` writes a whole data set.
 """
@@ -175,7 +188,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
 REALISM: dict[str, dict] = {
     "default": {},
     "paper": {"density": 12.0, "expression_sigma": 0.6, "off_target": 0.15, "off_target_sigma": 0.8,
-              "dim_fraction": 0.2, "bleed": 0.1, "gain_sigma": 0.3},
+              "dim_fraction": 0.25, "bleed": 0.1, "gain_sigma": 0.3},
 }
 """Named option sets of :func:`make_mif_image` (``realism=``): ``default`` (the fields' defaults: sparse
 cells, tight and separate marker levels) and ``paper`` (crops like the DAMA paper's, see the module
