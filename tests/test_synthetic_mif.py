@@ -352,3 +352,17 @@ def test_pools_share_no_image(tmp_path):
     with pytest.raises(MicromaeInputError, match="n_labelled"):
         smif.write_mif_pools(tmp_path / "other", 1, 0, shape=(64, 64))
     assert not (tmp_path / "other").exists()
+
+
+def test_cli_synth_mif_realism(tmp_path):
+    from micromae.cli import main as cli_main
+
+    out = tmp_path / "mif"
+    argv = ["data", "synth-mif", "--out", str(out), "--n-images", "1", "--shape", "96", "96", "--crop-size", "32"]
+    assert cli_main([*argv, "--realism", "paper"]) == 0
+    assert json.loads((out / "channels.json").read_text())["realism"] == "paper"
+    with open_volume(out / "images" / "img_000.tif") as volume:
+        np.testing.assert_array_equal(volume.read(), make_mif_image((96, 96), seed=[0, 0], realism="paper").image)
+    with pytest.raises(SystemExit) as refused:
+        cli_main([*argv[:3], str(tmp_path / "other"), *argv[4:], "--realism", "photographic"])
+    assert refused.value.code == 2 and not (tmp_path / "other").exists()
