@@ -15,8 +15,9 @@ random init).
    the whole train part of the first ``--finetune-folds`` splits (``random_init_accuracy``; goal 0.85-0.93).
    With ``--skip-finetune`` only step 2 runs (seconds).
 
-One JSON line per figure (also ``<out>/mif_calibration_<realism>_<crop>.jsonl``, with the load average and
-the cores other processes used), and the protocol's results under ``<out>/mif_calibration_<realism>_<crop>/``.
+One JSON line per figure (also ``<out>/mif_calibration.jsonl``, with the load average and the cores other
+processes used), and the protocol's results under ``<out>/mif_calibration/``; settings other than
+``--realism paper --crop-size 64`` write ``mif_calibration_<realism>_<crop>.*`` instead.
 
     OMP_NUM_THREADS=1 python benchmarks/mif_calibration.py [--realism paper|default] [--crop-size 64]
         [--model-size S] [--patch-size 8] [--steps 1500] [--skip-finetune] [--quick] [--out DIR]
@@ -86,7 +87,8 @@ def channel_means_accuracy(means: np.ndarray, labels: np.ndarray, splits: list) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    name = f"mif_calibration_{args.realism}_{args.crop_size}"
+    default = (args.realism, args.crop_size) == ("paper", 64)  # other settings keep their own files
+    name = "mif_calibration" + ("" if default else f"_{args.realism}_{args.crop_size}")
     rep = Reporter(name, args.out, torch.device("cpu"), args.quick)
     size = args.model_size or args.crop_size
     with contextlib.ExitStack() as stack:
