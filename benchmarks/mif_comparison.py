@@ -21,11 +21,14 @@ and fine-tuning at several shares of the labelled training part over repeated 60
    channel-means baseline of the same splits) and the protocol's ``results.md`` / ``accuracy_vs_fraction.png``
    (Fig. 4 style) under ``<out>/mif_comparison/{probes,finetune}/``.
 
-Costs at the defaults on 2 shared cores: pools ~2 min; pre-training 4 × ``--budget-min``; probes a few
-minutes; fine-tuning ``encoders × folds × shares`` runs of ``--finetune-steps`` (~12 steps/s unloaded).
+Costs at the defaults on 2 shared cores: pools ~2 min; pre-training 4 × ``--budget-min`` CPU minutes;
+probes a few minutes; fine-tuning ``encoders × folds × shares`` = 100 runs of ``--finetune-steps`` steps,
+~285 CPU s each at 3000 steps (BENCHMARKS.md): about 8 CPU hours. On the shared CPU run it in parts (each
+with its own ``--out``: ``--methods``, ``--finetune-folds``; ``--keep-runs DIR`` reuses the pools and the
+pre-trainings), or start with ``--skip-finetune`` (probes only, minutes).
 
     OMP_NUM_THREADS=1 python benchmarks/mif_comparison.py [--quick] [--budget-min 20] [--methods DAMA,MAE]
-        [--folds 5] [--finetune-folds 5] [--fractions 0.1,0.2,0.5,1.0] [--finetune-steps 1500] [--keep-runs DIR]
+        [--folds 5] [--finetune-folds 5] [--fractions 0.1,0.2,0.5,1.0] [--finetune-steps 3000] [--keep-runs DIR]
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", default="0.1,0.2,0.5,1.0", help="shares of the train part (default 10..100 %%)")
     p.add_argument("--folds", type=int, default=5, help="60/40 splits for the probes (default 5)")
     p.add_argument("--finetune-folds", type=int, default=5, help="splits fine-tuned (default 5)")
-    p.add_argument("--finetune-steps", type=int, default=1500, help="fine-tuning steps per run (default 1500)")
+    p.add_argument("--finetune-steps", type=int, default=3000,
+                   help="fine-tuning steps per run (default 3000, as the calibration of random init)")
     p.add_argument("--skip-finetune", action="store_true", help="probes only")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep pools and pre-training runs here (reused)")
     return p.parse_args(argv)
