@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-folds", type=int, default=1, help="splits fine-tuned from random init (default 1)")
     p.add_argument("--steps", type=int, default=1500, help="fine-tuning steps (default 1500)")
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch (default 32)")
+    p.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning seed (init, order; default 0)")
     p.add_argument("--skip-finetune", action="store_true", help="channel means only")
     p.add_argument("--data", type=Path, default=None, help="keep (or reuse) the pools in this folder")
     return p.parse_args(argv)
@@ -72,7 +73,7 @@ def finetune_overrides(args: argparse.Namespace) -> list[str]:
     steps = 2 if args.quick else args.steps
     return [f"model.img_size={size}", f"model.patch_size={args.patch_size}", "train.epochs=null",
             f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 20)}", f"train.batch_size={args.batch_size}",
-            f"train.log_every={max(1, steps // 10)}", "data.normalize=dtype"]
+            f"train.log_every={max(1, steps // 10)}", f"train.seed={args.finetune_seed}", "data.normalize=dtype"]
 
 
 def channel_means_accuracy(means: np.ndarray, labels: np.ndarray, splits: list) -> list[float]:
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     default = (args.realism, args.crop_size) == ("paper", 64)  # other settings keep their own files
     name = "mif_calibration" + ("" if default else f"_{args.realism}_{args.crop_size}")
+    name += f"_seed{args.finetune_seed}" if args.finetune_seed else ""
     rep = Reporter(name, args.out, torch.device("cpu"), args.quick)
     size = args.model_size or args.crop_size
     with contextlib.ExitStack() as stack:
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                      std=row["accuracy_std"], per_fold=row["accuracy_per_fold"], n_train=row["n_train"],
                      n_test=row["n_test"], steps=2 if args.quick else args.steps, batch=args.batch_size,
                      model_size=size, patch=args.patch_size, realism=args.realism, crop=args.crop_size,
+                     seed=args.finetune_seed,
                      cpu_s=own_cpu_seconds() - cpu, wall_s=time.perf_counter() - wall, target=[0.85, 0.93])
     rep.close()
     return 0

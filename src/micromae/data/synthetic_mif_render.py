@@ -297,7 +297,8 @@ def form_image(rng: np.random.Generator, ideal: np.ndarray, opts: MIFOptions) ->
     Off-target tissue background is a smooth field per channel; channel ``c`` receives ``bleed * U(0.5,
     1.5)`` of each neighbouring channel ``c +- 1``; the blur grows slightly with the channel index (longer
     wavelengths); noise is Poisson at ``photons`` per unit level plus Gaussian read noise; channel ``c``
-    maps level 1 to ``dynamic_range[c]`` grey values above ``offset[c]``, times an image gain ~ +-15 %.
+    maps level 1 to ``dynamic_range[c]`` grey values above ``offset[c]``, times a per-image gain (lognormal,
+    sigma ``gain_sigma``: ~ +-15 % by default).
     """
     channels, shape = ideal.shape[0], ideal.shape[1:]
     background = np.stack([opts.background * np.clip(1 + 0.5 * smooth_noise(rng, shape, 40.0), 0.1, None)
