@@ -155,3 +155,13 @@ def test_mif_comparison_quick(tmp_path):
     assert any(line["figure"] == "channel_means_accuracy" for line in lines)
     table = (tmp_path / "mif_comparison.md").read_text()
     assert all(f"| {name} |" in table for name in encoders) and "channel means" in table
+
+
+def test_mif_benchmarks_share_the_calibrated_data():
+    """The comparison runs on the crops the calibration measured (and test_synthetic_mif bounds at 64 px)."""
+    calibration, comparison = load_module("mif_calibration"), load_module("mif_comparison")
+    cal, com = calibration.parse_args([]), comparison.parse_args([])
+    assert cal.crop_size == com.crop_size == 64 and cal.realism == "paper"
+    assert (cal.pretrain_images, cal.labelled_images, cal.patch_size) == (com.pretrain_images, com.labelled_images,
+                                                                          com.patch_size)
+    assert comparison.SEED == calibration.SEED and cal.steps == com.finetune_steps
