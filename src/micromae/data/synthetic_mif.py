@@ -30,7 +30,7 @@ marker levels, so a cell's channel means alone tell its type (logistic regressio
 ``paper`` makes crops like the DAMA paper's, where "only the central cell is what we are interested in":
 dense tissue (``density`` 12 per 100×100: neighbours' somata cover about a third of a 64-px crop, most of
 another type, their processes and blur bleeding in), wide and overlapping marker levels (``expression_sigma``
-0.6; a quarter of the cells dim positives, ``dim_fraction`` 0.25 at 0.1–0.4 of their level; off-target markers
+0.6; 30 % of the cells dim positives, ``dim_fraction`` 0.3, at 0.1–0.4 of their level; off-target markers
 at 0.15 with ``off_target_sigma`` 0.8, so some are bright), stronger bleed-through (0.1) and per-image gain
 (``gain_sigma`` 0.3). The type then lies in the spatial pattern of the central cell's marker (nuclear,
 cytoplasmic, ring, processes) and in its morphology more than in its intensity: the channel means of a crop
@@ -188,7 +188,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
 REALISM: dict[str, dict] = {
     "default": {},
     "paper": {"density": 12.0, "expression_sigma": 0.6, "off_target": 0.15, "off_target_sigma": 0.8,
-              "dim_fraction": 0.25, "bleed": 0.1, "gain_sigma": 0.3},
+              "dim_fraction": 0.3, "bleed": 0.1, "gain_sigma": 0.3},
 }
 """Named option sets of :func:`make_mif_image` (``realism=``): ``default`` (the fields' defaults: sparse
 cells, tight and separate marker levels) and ``paper`` (crops like the DAMA paper's, see the module
