@@ -1,4 +1,5 @@
-"""Tests of the DAMA benchmarks: ``benchmarks/bench_dama.py`` and ``benchmarks/dama_probe.py`` run with
+"""Tests of the DAMA benchmarks: ``benchmarks/bench_dama.py``, ``dama_probe.py``, ``mif_calibration.py`` and
+``mif_comparison.py`` run with
 ``--quick`` as subprocesses and print valid JSON lines with the expected figures, keys and finite values
 (no assertion on speed or accuracy); plus the probe's linear-probe helper on features that do or do not
 carry the label."""
@@ -109,3 +110,58 @@ def test_linear_probe_reads_the_label_only_when_features_carry_it():
     good, bad = probe.linear_probe(informative, labels, 3), probe.linear_probe(noise, labels, 3)
     assert len(good) == len(bad) == 3
     assert np.mean(good) > 0.9 and np.mean(bad) < 0.5  # chance is 0.2
+
+
+def test_mif_calibration_quick(tmp_path):
+    lines = run_quick("mif_calibration", tmp_path)
+    figures = {line["figure"]: line for line in lines}
+    assert set(figures) == {"channel_means_accuracy", "random_init_accuracy"}
+    means = figures["channel_means_accuracy"]
+    assert means["realism"] == "paper" and means["crop"] == 64 and means["n_crops"] == sum(means["classes"].values())
+    assert len(means["per_fold"]) == 2 and means["value"] == pytest.approx(float(np.mean(means["per_fold"])))
+    finetuned = figures["random_init_accuracy"]
+    assert 0.0 <= finetuned["value"] <= 1.0 and finetuned["steps"] == 2 and finetuned["model_size"] == 64
+    assert finetuned["n_train"] + finetuned["n_test"] == means["n_crops"]
+
+
+def test_channel_means_accuracy_reads_the_label_only_when_means_carry_it():
+    calibration = load_module("mif_calibration")
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 30)
+    splits = [(np.flatnonzero(np.arange(150) % 5 != k), np.flatnonzero(np.arange(150) % 5 == k)) for k in range(2)]
+    informative = np.eye(5, 7)[labels] * 6.0 + rng.normal(size=(150, 7))
+    good = calibration.channel_means_accuracy(informative, labels, splits)
+    bad = calibration.channel_means_accuracy(rng.normal(size=(150, 7)), labels, splits)
+    assert len(good) == len(bad) == 2
+    assert np.mean(good) > 0.9 and np.mean(bad) < 0.45  # chance is 0.2
+
+
+def test_mif_comparison_quick(tmp_path):
+    lines = run_quick("mif_comparison", tmp_path)
+    runs = {line["method"]: line for line in lines if line["figure"] == "pretrain_cpu_s"}
+    assert set(runs) == {"MAE", "DAMA", "DAMA-rand", "data2vec"}
+    assert all(r["steps"] == 2 and r["value"] >= 0 and math.isfinite(r["last_loss"]) for r in runs.values())
+    accuracy = [line for line in lines if line["figure"] == "accuracy"]
+    encoders = set(runs) | {"random init"}
+    expected = {(e, m, f) for e in encoders for m in ("knn", "linear", "finetune") for f in (0.1, 0.2, 0.5, 1.0)}
+    assert {(a["encoder"], a["method"], a["fraction"]) for a in accuracy} == expected
+    for a in accuracy:
+        assert 0.0 <= a["value"] <= 1.0 and a["folds"] == (1 if a["method"] == "finetune" else 2)
+    # smaller shares are subsets: never more training crops at a smaller share
+    for e in encoders:
+        n = [next(a["n_train"] for a in accuracy if (a["encoder"], a["method"], a["fraction"]) == (e, "knn", f))
+             for f in (0.1, 0.2, 0.5, 1.0)]
+        assert n == sorted(n) and n[0] < n[-1]
+    assert any(line["figure"] == "channel_means_accuracy" for line in lines)
+    table = (tmp_path / "mif_comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in encoders) and "channel means" in table
+
+
+def test_mif_benchmarks_share_the_calibrated_data():
+    """The comparison runs on the crops the calibration measured (and test_synthetic_mif bounds at 64 px)."""
+    calibration, comparison = load_module("mif_calibration"), load_module("mif_comparison")
+    cal, com = calibration.parse_args([]), comparison.parse_args([])
+    assert cal.crop_size == com.crop_size == 64 and cal.realism == "paper"
+    assert (cal.pretrain_images, cal.labelled_images, cal.patch_size) == (com.pretrain_images, com.labelled_images,
+                                                                          com.patch_size)
+    assert comparison.SEED == calibration.SEED and cal.steps == com.finetune_steps

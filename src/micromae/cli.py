@@ -74,8 +74,9 @@ def cmd_synth_mif(args: argparse.Namespace) -> int:
     empty_folder = out.is_dir() and not any(out.iterdir())
     check_output(out, overwrite=args.overwrite or empty_folder, what="--out", folder=True)
     paths = write_mif_dataset(out, n_images=args.n_images, shape=tuple(args.shape), seed=args.seed,
-                              crop_size=args.crop_size, overwrite=args.overwrite)
-    print(f"wrote {args.n_images} synthetic multiplex images, cell crops and COCO annotations to {paths['root']}")
+                              crop_size=args.crop_size, overwrite=args.overwrite, realism=args.realism)
+    print(f"wrote {args.n_images} synthetic multiplex images ({args.realism} realism), cell crops and COCO "
+          f"annotations to {paths['root']}")
     return 0
 
 
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size (default 512 512)")
     q.add_argument("--crop-size", type=int, default=100, help="side of the single-cell crops (default 100)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    q.add_argument("--realism", default="default", choices=("default", "paper"),
+                   help="generator preset: default (sparse cells, separate marker levels; what the tests and "
+                        "earlier benchmarks use) or paper (dense tissue, neighbours in every crop, dim positives "
+                        "and bright off-target markers: crops like the DAMA paper's)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder whole")
     q.set_defaults(func=cmd_synth_mif)
     q = data_sub.add_parser("betaseg-labels", help="turn a betaSeg cell's masks into one label volume",

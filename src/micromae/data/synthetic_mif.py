@@ -22,7 +22,20 @@ An image has the seven channels of the DAMA rat-brain panel (``CHANNELS``) and c
    noise, and a different dynamic range and offset per channel (plus a per-image gain), to uint16.
 
 Classes therefore differ by marker *and* by shape and context (processes, vessels, nuclear texture). A
-512×512×7 image with ~100 cells takes well under a second on 2 cores. :func:`extract_cell_crops` cuts the
+512×512×7 image with ~100 cells takes well under a second on 2 cores.
+
+**Realism presets** (``realism=``, :data:`REALISM`; ``micromae data synth-mif --realism``). ``default`` is
+the fields' defaults, kept bit for bit (tests and earlier benchmarks use it): sparse cells with tight, separate
+marker levels, so a cell's channel means alone tell its type (logistic regression on 32-px crop means 0.94).
+``paper`` makes crops like the DAMA paper's, where "only the central cell is what we are interested in":
+dense tissue (``density`` 12 per 100×100: neighbours' somata cover about a third of a 64-px crop, most of
+another type, their processes and blur bleeding in), wide and overlapping marker levels (``expression_sigma``
+0.6; 30 % of the cells dim positives, ``dim_fraction`` 0.3, at 0.1–0.4 of their level; off-target markers
+at 0.15 with ``off_target_sigma`` 0.8, so some are bright), stronger bleed-through (0.1) and per-image gain
+(``gain_sigma`` 0.3). The type then lies in the spatial pattern of the central cell's marker (nuclear,
+cytoplasmic, ring, processes) and in its morphology more than in its intensity: the channel means of a crop
+fall far below 0.70 (``benchmarks/mif_calibration.py``, BENCHMARKS.md "A multiplex benchmark with room above
+random init"). :func:`extract_cell_crops` cuts the
 classification set (crops centred on cells, type as label), :func:`mif_to_coco` writes COCO instance
 segmentation, and :func:`write_mif_dataset` writes a whole data set.
 """
@@ -52,9 +65,12 @@ __all__ = [
     "MIFOptions",
     "SyntheticMIF",
     "extract_cell_crops",
+    "REALISM",
     "make_mif_image",
     "mif_to_coco",
+    "realism_options",
     "write_mif_dataset",
+    "write_mif_pools",
 ]
 
 CHANNELS = ("DAPI", "Histones", "NeuN", "S100", "Olig2", "Iba1", "RECA1")
@@ -87,6 +103,10 @@ class MIFOptions:
     min_visible: float = 0.5
     expression_sigma: float = 0.35
     off_target: float = 0.05
+    off_target_sigma: float | None = None
+    dim_fraction: float = 0.0
+    dim_level: tuple[float, float] = (0.1, 0.4)
+    gain_sigma: float = 0.15
     background: float = 0.05
     bleed: float = 0.04
     blur_sigma: float = 1.0
@@ -98,20 +118,23 @@ class MIFOptions:
 
     def validate(self) -> None:
         """Raise MicromaeInputError on out-of-range options."""
-        for name in ("overlap", "min_visible", "off_target", "bleed"):
+        for name in ("overlap", "min_visible", "off_target", "bleed", "dim_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise input_error(f"option {name}", "a number in [0, 1)", repr(getattr(self, name)), _FIX)
         for name in ("density", "photons"):
             if not getattr(self, name) > 0:
                 raise input_error(f"option {name}", "a positive number", repr(getattr(self, name)), _FIX)
-        for name in ("expression_sigma", "background", "blur_sigma", "read_noise", "noise"):
+        for name in ("expression_sigma", "background", "blur_sigma", "read_noise", "noise", "gain_sigma"):
             if not getattr(self, name) >= 0:
                 raise input_error(f"option {name}", "a number >= 0", repr(getattr(self, name)), _FIX)
-        for name in ("soma_radius", "nucleus_fraction"):
+        if self.off_target_sigma is not None and not self.off_target_sigma >= 0:
+            raise input_error("option off_target_sigma", "None or a number >= 0", repr(self.off_target_sigma), _FIX)
+        for name in ("soma_radius", "nucleus_fraction", "dim_level"):
             lo, hi = getattr(self, name)
-            if not 0 < lo <= hi or (name == "nucleus_fraction" and hi >= 1):
+            bounded = name in ("nucleus_fraction", "dim_level")
+            if not 0 < lo <= hi or (bounded and hi >= 1):
                 raise input_error(f"option {name}", "a range (low, high) with 0 < low <= high"
-                                  + (" < 1" if name == "nucleus_fraction" else ""), repr(getattr(self, name)), _FIX)
+                                  + (" < 1" if bounded else ""), repr(getattr(self, name)), _FIX)
         if self.n_cells is not None and (int(self.n_cells) != self.n_cells or self.n_cells < 1):
             raise input_error("option n_cells", "None or an integer >= 1", repr(self.n_cells), _FIX)
         for name in ("dynamic_range", "offset"):
@@ -162,12 +185,30 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+REALISM: dict[str, dict] = {
+    "default": {},
+    "paper": {"density": 12.0, "expression_sigma": 0.6, "off_target": 0.15, "off_target_sigma": 0.8,
+              "dim_fraction": 0.3, "bleed": 0.1, "gain_sigma": 0.3},
+}
+"""Named option sets of :func:`make_mif_image` (``realism=``): ``default`` (the fields' defaults: sparse
+cells, tight and separate marker levels) and ``paper`` (crops like the DAMA paper's, see the module
+docstring). Options passed by name override the preset's."""
+
+
+def realism_options(realism: str) -> dict:
+    """The :class:`MIFOptions` values of the preset ``realism`` (a key of :data:`REALISM`)."""
+    if realism not in REALISM:
+        raise input_error("realism", f"one of {sorted(REALISM)}", repr(realism),
+                          "Pass realism='default' or realism='paper' (--realism on the command line)")
+    return dict(REALISM[realism])
+
+
 def _options(options: dict) -> MIFOptions:
     return options_from_kwargs(MIFOptions, options, "make_mif_image")
 
 
 def make_mif_image(shape: Sequence[int] = (512, 512), seed: int | Sequence[int] = 0, n_cells: int | None = None,
-                   **options) -> SyntheticMIF:
+                   realism: str = "default", **options) -> SyntheticMIF:
     """Generate a seeded synthetic multiplex image (see the module docstring for what it contains).
 
     Args:
@@ -175,10 +216,11 @@ def make_mif_image(shape: Sequence[int] = (512, 512), seed: int | Sequence[int] 
         seed: seed (or sequence of ints) of ``np.random.default_rng``; same seed and options, same image.
         n_cells: cells to place (None: ``density`` per 100×100 pixels). Cells that find no room or end up
             mostly hidden are dropped, so the image may hold a few less. Types are balanced.
-        **options: fields of :class:`MIFOptions`.
+        realism: a preset of :data:`REALISM` (``default`` or ``paper``) that ``options`` start from.
+        **options: fields of :class:`MIFOptions` (override the preset's).
     """
     shape = _check_shape(shape)
-    opts = _options({**options, "n_cells": n_cells})
+    opts = _options({**realism_options(realism), **options, "n_cells": n_cells})
     rng = np.random.default_rng(seed)
     count = opts.n_cells if opts.n_cells is not None else max(1, round(opts.density * shape[0] * shape[1] / 1e4))
     cells, instances = resolve_instances(rng, draw_cells(rng, shape, int(count), opts), shape, opts.min_visible)
@@ -259,7 +301,8 @@ def _write_cyx(path: Path, image: np.ndarray, compress: bool) -> None:
 
 
 def write_mif_dataset(out_dir: str | Path, n_images: int = 8, shape: Sequence[int] = (512, 512), seed: int = 0,
-                      crop_size: int = 100, overwrite: bool = False, **options) -> dict[str, Path]:
+                      crop_size: int = 100, overwrite: bool = False, realism: str = "default", first_image: int = 0,
+                      **options) -> dict[str, Path]:
     """Write a synthetic multiplex data set; return {role: path}.
 
     Layout of ``out_dir``: ``images/img_000.tif`` (CYX uint16 OME-TIFF, channel names in the metadata),
@@ -267,7 +310,8 @@ def write_mif_dataset(out_dir: str | Path, n_images: int = 8, shape: Sequence[in
     each cell, :func:`extract_cell_crops`; class sub-folders = the classification set), ``annotations.json``
     (COCO, :func:`mif_to_coco`; ``file_name`` relative to ``out_dir``, e.g. ``images/img_000.tif``),
     ``channels.json`` (channel names, axes, cell types, generator settings) and ``cells.csv`` (one row per
-    crop). Image ``i`` uses seed ``[seed, i]``; ``options`` go to :func:`make_mif_image`.
+    crop). Image ``i`` (``first_image`` .. ``first_image + n_images - 1``, also in its file name) uses seed
+    ``[seed, i]``; ``realism`` and ``options`` go to :func:`make_mif_image`.
 
     All or nothing: everything is written into a temporary sibling folder that is renamed onto ``out_dir``
     at the end. An existing ``out_dir`` is refused unless it is empty or ``overwrite=True``.
@@ -275,15 +319,19 @@ def write_mif_dataset(out_dir: str | Path, n_images: int = 8, shape: Sequence[in
     out = Path(out_dir)
     if int(n_images) != n_images or n_images < 1:
         raise input_error("n_images", "an integer >= 1", repr(n_images), "Pass e.g. n_images=8")
+    if int(first_image) != first_image or first_image < 0:
+        raise input_error("first_image", "an integer >= 0", repr(first_image), "Pass e.g. first_image=0")
+    realism_options(realism)  # a bad name fails before anything is written
     replace = overwrite or (out.is_dir() and not any(out.iterdir()))
-    names = [f"img_{i:03d}.tif" for i in range(int(n_images))]
+    numbers = range(int(first_image), int(first_image) + int(n_images))
+    names = [f"img_{i:03d}.tif" for i in numbers]
     table = [("file", "image", "cell_id", "cell_type", "label", "centroid_y", "centroid_x")]
     instances_list, types_list = [], []
     with atomic_path(out, overwrite=replace) as tmp:
         for folder in ["images", "instances"] + [f"cells/{t}" for t in CELL_TYPES]:
             (tmp / folder).mkdir(parents=True)
-        for i, name in enumerate(names):
-            mif = make_mif_image(shape, seed=[int(seed), i], **options)
+        for i, name in zip(numbers, names):
+            mif = make_mif_image(shape, seed=[int(seed), i], realism=realism, **options)
             _write_cyx(tmp / "images" / name, mif.image, compress=False)
             write_tiff(tmp / "instances" / name, mif.instances, "YX", compression="zlib")
             crops, labels, ids = extract_cell_crops(mif, crop_size)
@@ -298,11 +346,41 @@ def write_mif_dataset(out_dir: str | Path, n_images: int = 8, shape: Sequence[in
         (tmp / "annotations.json").write_text(json.dumps(coco))
         meta = {"channels": list(CHANNELS), "axes": "CYX", "cell_types": list(CELL_TYPES), "dtype": "uint16",
                 "n_images": int(n_images), "shape": [int(s) for s in shape], "seed": int(seed),
-                "crop_size": int(crop_size), "options": {k: v for k, v in options.items()}}
+                "crop_size": int(crop_size), "first_image": int(first_image), "realism": realism,
+                "options": {k: v for k, v in options.items()}}
         (tmp / "channels.json").write_text(json.dumps(meta, indent=2))
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(table)
         (tmp / "cells.csv").write_text(buffer.getvalue())
+    return _dataset_paths(out)
+
+
+def _dataset_paths(out: Path) -> dict[str, Path]:
+    """{role: path} of a data set written by :func:`write_mif_dataset` into ``out``."""
     return {"root": out, "images": out / "images", "instances": out / "instances", "cells": out / "cells",
             "annotations": out / "annotations.json", "channels": out / "channels.json",
             "cells_table": out / "cells.csv"}
+
+
+def write_mif_pools(out_dir: str | Path, n_pretrain: int, n_labelled: int, shape: Sequence[int] = (512, 512),
+                    seed: int = 0, crop_size: int = 100, overwrite: bool = False, realism: str = "default",
+                    **options) -> dict[str, dict[str, Path]]:
+    """Two data sets of disjoint images, as the DAMA paper keeps its pre-training crops apart from the
+    labelled ones: ``out_dir/pretrain`` (images ``0 .. n_pretrain - 1``) and ``out_dir/labelled`` (images
+    ``n_pretrain .. n_pretrain + n_labelled - 1``), each laid out by :func:`write_mif_dataset` with the same
+    ``seed``, generator settings and ``crop_size``. A whole image goes to one pool, so no cell, and no
+    neighbour seen in a crop's context, is in both. Returns ``{"pretrain": paths, "labelled": paths}``.
+
+    All or nothing, like :func:`write_mif_dataset`: an existing ``out_dir`` is refused unless it is empty or
+    ``overwrite=True``.
+    """
+    for name, n in (("n_pretrain", n_pretrain), ("n_labelled", n_labelled)):
+        if int(n) != n or n < 1:
+            raise input_error(name, "an integer >= 1", repr(n), "Pass the number of images of each pool")
+    out = Path(out_dir)
+    replace = overwrite or (out.is_dir() and not any(out.iterdir()))
+    common = dict(shape=shape, seed=seed, crop_size=crop_size, realism=realism, **options)
+    with atomic_path(out, overwrite=replace) as tmp:
+        write_mif_dataset(tmp / "pretrain", n_images=n_pretrain, first_image=0, **common)
+        write_mif_dataset(tmp / "labelled", n_images=n_labelled, first_image=int(n_pretrain), **common)
+    return {pool: _dataset_paths(out / pool) for pool in ("pretrain", "labelled")}

@@ -248,6 +248,7 @@ def paint_cells(rng: np.random.Generator, cells: list[Cell], shape: tuple[int, i
     spots = (spot_field > 1.6).astype(np.float32)
     cyto_texture = smooth_noise(rng, shape, 2.0)
     sigma = opts.expression_sigma
+    off_sigma = sigma if opts.off_target_sigma is None else opts.off_target_sigma
     for cell in cells:
         box = cell.box(shape)
         rho, rho_n = cell.fields(box)
@@ -261,6 +262,8 @@ def paint_cells(rng: np.random.Generator, cells: list[Cell], shape: tuple[int, i
         ideal[DAPI][box] += dapi * texture * nuc + 0.02 * dapi * cyto
         ideal[HISTONES][box] += histones * (0.8 * texture + 0.2 + 0.2 * fine[box]) * nuc
         level = lognormal(rng, sigma)
+        if opts.dim_fraction > 0 and rng.random() < opts.dim_fraction:  # no draw otherwise: same default images
+            level *= rng.uniform(*opts.dim_level)
         marker = MARKER_OF_TYPE[cell.kind]
         grain = 1.0 + 0.25 * cyto_texture[box]
         if cell.kind == NEURON:  # NeuN: nuclear, perinuclear cytoplasm fading outwards, a proximal dendrite
@@ -281,7 +284,7 @@ def paint_cells(rng: np.random.Generator, cells: list[Cell], shape: tuple[int, i
         ideal[marker][box] += level * pattern
         for other in MARKERS:
             if other != marker:
-                ideal[other][box] += opts.off_target * lognormal(rng, sigma) * (cyto + 0.6 * nuc)
+                ideal[other][box] += opts.off_target * lognormal(rng, off_sigma) * (cyto + 0.6 * nuc)
     for m in (NEUN, S100, RECA1):  # thick processes and vessel walls: widen the 1-pixel lines
         ideal[m] += 2.0 * ndi.gaussian_filter(layers[m], 0.8)
     ideal[IBA1] += layers[IBA1]  # thin processes stay 1 pixel wide before the optical blur
@@ -294,7 +297,8 @@ def form_image(rng: np.random.Generator, ideal: np.ndarray, opts: MIFOptions) ->
     Off-target tissue background is a smooth field per channel; channel ``c`` receives ``bleed * U(0.5,
     1.5)`` of each neighbouring channel ``c +- 1``; the blur grows slightly with the channel index (longer
     wavelengths); noise is Poisson at ``photons`` per unit level plus Gaussian read noise; channel ``c``
-    maps level 1 to ``dynamic_range[c]`` grey values above ``offset[c]``, times an image gain ~ +-15 %.
+    maps level 1 to ``dynamic_range[c]`` grey values above ``offset[c]``, times a per-image gain (lognormal,
+    sigma ``gain_sigma``: ~ +-15 % by default).
     """
     channels, shape = ideal.shape[0], ideal.shape[1:]
     background = np.stack([opts.background * np.clip(1 + 0.5 * smooth_noise(rng, shape, 40.0), 0.1, None)
@@ -310,6 +314,6 @@ def form_image(rng: np.random.Generator, ideal: np.ndarray, opts: MIFOptions) ->
         photons = opts.photons / opts.noise**2
         mixed = rng.poisson(np.clip(mixed, 0, None) * photons).astype(np.float32) / photons
         mixed += rng.normal(0.0, opts.read_noise * opts.noise, mixed.shape).astype(np.float32)
-    gain = np.asarray(opts.dynamic_range, np.float32) * lognormal(rng, 0.15, channels).astype(np.float32)
+    gain = np.asarray(opts.dynamic_range, np.float32) * lognormal(rng, opts.gain_sigma, channels).astype(np.float32)
     grey = np.asarray(opts.offset, np.float32)[:, None, None] + gain[:, None, None] * mixed
     return np.clip(np.round(grey), 0, 65535).astype(np.uint16)

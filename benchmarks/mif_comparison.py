@@ -1,0 +1,195 @@
+"""The DAMA paper's comparison (Table 1, Fig. 4) on the paper-like synthetic multiplex benchmark: random init vs
+MAE vs DAMA vs DAMA-rand vs data2vec, each pre-trained for the same CPU budget, evaluated by k-NN, linear probe
+and fine-tuning at several shares of the labelled training part over repeated 60/40 splits.
+
+1. Pools (``write_mif_pools``, the data of ``mif_calibration.py``: ``realism=paper``, seed ``SEED``, 64-px
+   crops centred on each cell): ``--pretrain-images`` images whose crops are the pre-training pool and
+   ``--labelled-images`` other images whose crops are the labelled pool (about 4000 crops each at the
+   defaults, like the paper's 4000 + 4000). No image is in both.
+2. Pre-training: the ``dama_tiny`` preset with the model at the crops' side (``--model-size`` 64, patches
+   ``--patch-size`` 8: 64 tokens, the dama_tiny cost per image) on the pre-training pool's crops
+   (``data.source=images``; the paper's augmentation: a random crop of ``--crop-scale`` of the side, resized),
+   once per method. **Equal CPU budget**: each method first runs ``--timing-steps`` steps; its step count is
+   then ``--budget-min`` CPU minutes divided by its measured CPU seconds per step (so DAMA, which runs two
+   networks, takes about half MAE's steps). The CPU seconds actually used are reported per method.
+3. Protocol (``run_evaluate_classification`` on the labelled pool, the same splits for every encoder):
+   k-NN (k = 20) and linear probe on frozen features on ``--folds`` splits at ``--fractions``; fine-tuning
+   (``classify_tiny`` recipe, ``--finetune-steps`` steps for every share, so every run costs the same) on
+   the first ``--finetune-folds`` splits at the same shares.
+4. Output: JSON lines (``pretrain_cpu_s`` per method, ``accuracy`` per encoder, method and share, with mean ±
+   std over folds), ``<out>/mif_comparison.md`` (table: rows encoders, columns method @ share, plus the
+   channel-means baseline of the same splits) and the protocol's ``results.md`` / ``accuracy_vs_fraction.png``
+   (Fig. 4 style) under ``<out>/mif_comparison/{probes,finetune}/``.
+
+Costs at the defaults on 2 shared cores: pools ~2 min; pre-training 4 × ``--budget-min`` CPU minutes;
+probes a few minutes; fine-tuning ``encoders × folds × shares`` = 100 runs of ``--finetune-steps`` steps,
+~285 CPU s each at 3000 steps (BENCHMARKS.md): about 8 CPU hours. On the shared CPU run it in parts (each
+with its own ``--out``: ``--methods``, ``--finetune-folds``; ``--keep-runs DIR`` reuses the pools and the
+pre-trainings), or start with ``--skip-finetune`` (probes only, minutes).
+
+    OMP_NUM_THREADS=1 python benchmarks/mif_comparison.py [--quick] [--budget-min 20] [--methods DAMA,MAE]
+        [--folds 5] [--finetune-folds 5] [--fractions 0.1,0.2,0.5,1.0] [--finetune-steps 3000] [--keep-runs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import OUT_DIR, Reporter, log, own_cpu_seconds
+from classification_protocol import table
+from micromae.config import PretrainConfig, load_config, resolve_config
+from micromae.data.synthetic_mif import write_mif_pools
+from micromae.evaluate.classification import run_evaluate_classification, stratified_splits
+from micromae.train.classify_data import load_labelled_crops
+from micromae.train.pretrain import run_pretrain
+from mif_calibration import SEED, channel_means_accuracy
+
+METHODS = {
+    "MAE": ["objective=mae"],
+    "DAMA": ["objective=dama", "dama.config=student1-student2", "dama.masking=adaptive"],
+    "DAMA-rand": ["objective=dama", "dama.config=student1-student2", "dama.masking=random_overlap"],
+    "data2vec": ["objective=data2vec"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny everything (for tests; the figures mean nothing)")
+    p.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only (the budget is in CPU minutes)")
+    p.add_argument("--out", type=Path, default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"pre-training methods (default {','.join(METHODS)})")
+    p.add_argument("--budget-min", type=float, default=20.0, help="CPU minutes of pre-training per method")
+    p.add_argument("--timing-steps", type=int, default=20, help="steps timed to set each method's step count")
+    p.add_argument("--crop-size", type=int, default=64, help="side of the cell crops (default 64)")
+    p.add_argument("--model-size", type=int, default=None, help="the ViT's input side (default: --crop-size)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (default 8)")
+    p.add_argument("--crop-scale", type=float, default=0.5, help="pre-training random crop, share of the side")
+    p.add_argument("--pretrain-images", type=int, default=13, help="images of the pre-training pool (default 13)")
+    p.add_argument("--labelled-images", type=int, default=13, help="images of the labelled pool (default 13)")
+    p.add_argument("--fractions", default="0.1,0.2,0.5,1.0", help="shares of the train part (default 10..100 %%)")
+    p.add_argument("--folds", type=int, default=5, help="60/40 splits for the probes (default 5)")
+    p.add_argument("--finetune-folds", type=int, default=5, help="splits fine-tuned (default 5)")
+    p.add_argument("--finetune-steps", type=int, default=3000,
+                   help="fine-tuning steps per run (default 3000, as the calibration of random init)")
+    p.add_argument("--skip-finetune", action="store_true", help="probes only")
+    p.add_argument("--keep-runs", type=Path, default=None, help="keep pools and pre-training runs here (reused)")
+    return p.parse_args(argv)
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    size = args.model_size or args.crop_size
+    return [f"model.img_size={size}", f"model.patch_size={args.patch_size}"]
+
+
+def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int) -> PretrainConfig:
+    """``dama_tiny`` with the method's objective, on the pre-training pool's crops, for ``steps`` steps."""
+    overrides = METHODS[method] + model_overrides(args) + [
+        "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
+        "data.normalize=dtype", f"train.steps={steps}", f"train.warmup_steps={max(1, min(20, steps // 10))}",
+        "train.figure_every=0", "train.ckpt_every=0", "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
+    if args.quick:
+        overrides += ["train.batch_size=4"]
+    return load_config(resolve_config("dama_tiny"), PretrainConfig, overrides)
+
+
+def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Path, root: Path) -> int:
+    """Steps that fill ``--budget-min`` CPU minutes, from a ``--timing-steps`` run of the method."""
+    if args.quick:
+        return 2
+    cpu = own_cpu_seconds()
+    run_pretrain(method_config(method, args, pool, args.timing_steps), root / "timing" / method)
+    per_step = (own_cpu_seconds() - cpu) / args.timing_steps
+    steps = max(1, math.floor(args.budget_min * 60 / per_step))
+    rep.emit("pretrain_cpu_s_per_step", per_step, "CPU seconds", None, method=method, steps=steps,
+             timing_steps=args.timing_steps, budget_min=args.budget_min)
+    return steps
+
+
+def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path) -> dict[str, str]:
+    """``{name: checkpoint}`` of every method (reused from ``root`` when there), plus ``random init``."""
+    checkpoints: dict[str, str] = {}
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
+        run_dir = root / "pretrain" / method
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            steps = budget_steps(rep, method, args, pool, root)
+            log(f"pre-training {method}: {steps} steps")
+            cpu, wall = own_cpu_seconds(), time.perf_counter()
+            result = run_pretrain(method_config(method, args, pool, steps), run_dir)
+            rep.emit("pretrain_cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, method=method,
+                     steps=result.step, wall_s=time.perf_counter() - wall, last_loss=result.last_loss,
+                     budget_min=args.budget_min)
+        checkpoints[method] = str(last)
+    checkpoints["random init"] = "random"
+    return checkpoints
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rep = Reporter("mif_comparison", args.out, torch.device("cpu"), args.quick)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    folds = 2 if args.quick else args.folds
+    with contextlib.ExitStack() as stack:
+        root = args.keep_runs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mif_comparison_")))
+        pools = root / "pools"
+        if not (pools / "labelled" / "cells").is_dir():
+            n_pre, n_lab = (1, 2) if args.quick else (args.pretrain_images, args.labelled_images)
+            write_mif_pools(pools, n_pre, n_lab, shape=(128, 128) if args.quick else (512, 512), seed=SEED,
+                            crop_size=args.crop_size, realism="paper")
+        checkpoints = pretrain_all(rep, args, pools / "pretrain" / "cells", root)
+        cells = pools / "labelled" / "cells"
+        results = (root / "results") if args.quick else args.out / "mif_comparison"
+        common = dict(config="classify_tiny", device="cpu", fractions=fractions)
+        size_overrides = model_overrides(args) + ["data.normalize=dtype"]
+        cpu = own_cpu_seconds()
+        probes = run_evaluate_classification(checkpoints, cells, results / "probes", methods=("knn", "linear"),
+                                             folds=folds, probe_epochs=100, overrides=size_overrides, **common)
+        rows = probes["summary"]
+        rep.emit("cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, phase="probes")
+        if not args.skip_finetune:
+            steps = 2 if args.quick else args.finetune_steps
+            finetune = size_overrides + ["train.epochs=null", f"train.steps={steps}",
+                                         f"train.warmup_steps={max(1, steps // 20)}", "train.batch_size=32"
+                                         if not args.quick else "train.batch_size=4",
+                                         f"train.log_every={max(1, steps // 10)}"]
+            cpu = own_cpu_seconds()
+            ft = run_evaluate_classification(checkpoints, cells, results / "finetune", methods=("finetune",),
+                                             folds=1 if args.quick else args.finetune_folds, overrides=finetune,
+                                             **common)
+            rows += ft["summary"]
+            rep.emit("cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, phase="finetune")
+        crops = load_labelled_crops(cells, args.model_size or args.crop_size, normalize="dtype")
+        labels = crops.labels.numpy()
+        splits = stratified_splits(labels, folds, 0.4, seed=0)  # the protocol's splits (same files, same seed)
+        acc = channel_means_accuracy(crops.images.mean(dim=(2, 3)).numpy(), labels, splits)
+        baseline = {"encoder": "channel means", "method": "linear", "fraction": 1.0,
+                    "accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
+                    "n_train": len(splits[0][0])}
+        rep.emit("channel_means_accuracy", baseline["accuracy_mean"], "fraction correct", None,
+                 std=baseline["accuracy_std"], per_fold=acc)
+    for r in rows:
+        rep.emit("accuracy", r["accuracy_mean"], "fraction correct", None, encoder=r["encoder"], method=r["method"],
+                 fraction=r["fraction"], std=r["accuracy_std"], per_fold=r["accuracy_per_fold"], folds=r["folds"],
+                 n_train=r["n_train"], n_test=r["n_test"])
+    text = table(rows + [baseline])
+    log("\n" + text)
+    rep.close()
+    path = args.out / "mif_comparison.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
