@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import zarr
 
@@ -83,9 +84,16 @@ def data(tiny_run):
 
 @pytest.fixture(scope="module")
 def plain_one(data, tmp_path_factory):
-    """One process, plain Z slicing with a k sweep and kept PCA features: the reference."""
-    return run_segment(**data, **COMMON, output=tmp_path_factory.mktemp("one") / "one.zarr", sweep=[2, 4],
-                       keep_features="pca")
+    """One process, plain Z slicing with a k sweep and kept PCA features: the reference. One torch thread, like
+    the ranks (OMP_NUM_THREADS=1): matrix products split over another number of threads round differently, and
+    this module-scoped fixture runs before the function-scoped ``one_torch_thread``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_segment(**data, **COMMON, output=tmp_path_factory.mktemp("one") / "one.zarr", sweep=[2, 4],
+                           keep_features="pca")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_share_deals_planes_round_robin():
