@@ -105,3 +105,16 @@ def test_pretraining_with_device_augmentation_resumes_bit_exactly(tmp_path, monk
     numpy_run = run_pretrain(apply_overrides(PretrainConfig(), TINY + ["data.sampler=numpy", "train.steps=6"]),
                              tmp_path / "np")
     assert abs(numpy_run.last_loss - straight.last_loss) < 1e-3 * abs(numpy_run.last_loss)  # same images ~1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_batch_matches_dama_augment_on_the_cpu(tmp_path):
+    aug = DamaAugment(24, scale=0.6, fill=0.1)
+    images = torch.rand(16, 7, 40, 40, generator=torch.Generator().manual_seed(1))
+    params = [aug.draw_params(40, 40, np.random.default_rng([4, i])) for i in range(16)]
+    out = TorchDamaAugment(aug)(images.cuda(), params)
+    ref = torch.stack([aug.apply(images[i], p) for i, p in enumerate(params)])
+    assert out.is_cuda and (out.cpu() - ref).abs().max().item() < TOL
+    dataset = build_image_dataset(apply_overrides(PretrainConfig(), TINY), tmp_path)
+    (_, on_gpu), (_, on_cpu) = next(image_stream(dataset, 2, device="cuda")), next(image_stream(dataset, 2))
+    assert on_gpu.is_cuda and (on_gpu.cpu() - on_cpu).abs().max().item() < TOL
