@@ -87,7 +87,7 @@ class DataConfig:
     normalize: Normalize = "auto"  # auto: dtype for 8-bit data, percentile for 16-bit and float
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     num_workers: int = 0
-    sampler: Literal["auto", "numpy", "torch"] = "auto"  # plane crops cut by numpy (workers) or torch (on device)
+    sampler: Literal["auto", "numpy", "torch"] = "auto"  # plane crops / DAMA augmentation: numpy or on the device
     n_images: int = 16  # synthetic_mif: how many images (each synthetic_shape[-2:] pixels)
     crop_scale: float = 0.5  # images/synthetic_mif: side of the random crop resized to the FOV, as a fraction
 

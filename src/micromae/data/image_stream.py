@@ -19,6 +19,7 @@ from micromae.data.augment import DamaAugment
 from micromae.data.multichannel import MultiChannelImageFolder
 from micromae.data.run_folder import synthetic_mif_in_run
 from micromae.data.seeded import SeededItems, SeededSampler
+from micromae.data.torch_augment import SeededCrops, TorchDamaAugment
 from micromae.errors import input_error
 
 
@@ -46,14 +47,25 @@ def build_image_dataset(cfg: PretrainConfig, run_dir: Path) -> MultiChannelImage
 
 
 def image_stream(dataset: Any, batch_size: int, start_step: int = 0, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield ``(step, images (B, C, H, W))`` for steps ``start_step, start_step + 1, ...`` forever."""
+                 world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                 device: torch.device | str | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(step, images (B, C, H, W))`` for steps ``start_step, start_step + 1, ...`` forever.
+
+    With ``device`` (``data.sampler=torch``): the loader only reads the images and cuts the crops of the
+    dataset's ``DamaAugment`` draws; :class:`~micromae.data.torch_augment.TorchDamaAugment` augments the
+    batch on ``device`` here (same draws, same images up to float rounding, so resume is unchanged)."""
     sampler = SeededSampler(len(dataset), seed, rank, world_size)
     per_epoch = len(sampler) // batch_size
     if per_epoch == 0:
         raise input_error("image folder", f"at least {batch_size * world_size} images (one batch per process)",
                           f"{len(dataset)} images", "Add images or lower train.batch_size")
-    items = SeededItems(dataset, seed, rank)
+    on_device = None
+    if device is not None:
+        on_device = TorchDamaAugment(dataset.transform)
+        items = SeededCrops(dataset, on_device, seed, rank)
+        device = torch.device(device)
+    else:
+        items = SeededItems(dataset, seed, rank)
     epoch, skip = divmod(start_step, per_epoch)
     step = start_step
     while True:
@@ -62,7 +74,9 @@ def image_stream(dataset: Any, batch_size: int, start_step: int = 0, seed: int =
         loader = DataLoader(items, batch_size=batch_size, sampler=keys, num_workers=num_workers,
                             pin_memory=pin_memory, drop_last=True,
                             generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
-        for images, _labels in loader:
+        for images, extra in loader:
+            if on_device is not None:  # extra: the per-item params
+                images = on_device.augment_crops(images.to(device, non_blocking=pin_memory), extra.to(device))
             yield step, images
             step += 1
         epoch, skip = epoch + 1, 0

@@ -112,9 +112,12 @@ def build_pretrain_run(cfg: PretrainConfig, ctx: RunContext) -> RunPlan:
         if cfg.data.normalize == "channel_stats":  # the folder's ranges, stored with the model
             ranges = dataset.ranges(0, None)
 
+        # data.sampler=torch (auto on CUDA): the loader reads and crops, the augmentation runs on the device
+        augment_on = device if choose_sampler(cfg.data.sampler, torch.device(device)) == "torch" else None
+
         def open_stream(start: int):
             return image_stream(dataset, cfg.train.batch_size, start, cfg.train.seed, info.rank,
-                                info.world_size, cfg.data.num_workers, device.type == "cuda")
+                                info.world_size, cfg.data.num_workers, device.type == "cuda", device=augment_on)
     else:
         sampler = build_sampler(cfg, rank=info.rank, device=device)
         on_device = isinstance(sampler, TorchPlaneCropSampler)
