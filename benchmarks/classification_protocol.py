@@ -41,6 +41,7 @@ from common import OUT_DIR, Reporter, log, own_cpu_seconds, resolve_device
 from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.synthetic_mif import write_mif_dataset
+from micromae.io.writers import atomic_path
 from micromae.evaluate.classification import run_evaluate_classification
 from micromae.evaluate.report import markdown_table
 from micromae.train.pretrain import run_pretrain
@@ -162,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     log("\n" + text)
     rep.close()
     path = args.out / f"classification_protocol{suffix}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
     return 0
 
 

@@ -47,6 +47,7 @@ from micromae.config import resolve_config
 from micromae.config import PretrainConfig, load_config
 from micromae.data.channel_norm import normalize_channels
 from micromae.data.synthetic_mif import CELL_TYPES, extract_cell_crops, make_mif_image
+from micromae.io.writers import atomic_path
 from micromae.models import ViTEncoder
 from micromae.models.pretrained import load_encoder
 from micromae.train.pretrain import build_model, run_pretrain
@@ -177,13 +178,8 @@ def markdown_table(rows: list[dict], sides: list[int], img_size: int, cpu: dict[
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling renamed onto it (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pretrained_encoders(rep: Reporter, cfgs: dict[str, PretrainConfig], keep: Path | None) -> dict[str, ViTEncoder]:

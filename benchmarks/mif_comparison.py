@@ -47,6 +47,7 @@ from common import OUT_DIR, Reporter, log, own_cpu_seconds
 from classification_protocol import table
 from micromae.config import PretrainConfig, load_config, resolve_config
 from micromae.data.synthetic_mif import write_mif_pools
+from micromae.io.writers import atomic_path
 from micromae.evaluate.classification import run_evaluate_classification, stratified_splits
 from micromae.train.classify_data import load_labelled_crops
 from micromae.train.pretrain import run_pretrain
@@ -185,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     log("\n" + text)
     rep.close()
     path = args.out / "mif_comparison.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
     return 0
 
 

@@ -28,7 +28,7 @@ from micromae.train.engine import Objective
 from micromae.train.objectives import MAEObjective
 
 __all__ = ["DAMAObjective", "Data2VecObjective", "build_dama_comparison_objective",
-           "channels_to_rgb", "display_scale", "OBJECTIVES"]
+           "channels_to_rgb", "check_resume", "display_scale", "OBJECTIVES"]
 
 OBJECTIVES = ("mae", "dama", "data2vec")
 
@@ -100,7 +100,7 @@ class DAMAObjective(Objective):
                 "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_resume(state, "dama", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        check_resume(state, "dama", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
         self.last_momentum = float(state.get("last_momentum", self.ema_base))
 
     @torch.no_grad()
@@ -133,7 +133,7 @@ class DAMAObjective(Objective):
             save_figure(fig, path)
 
 
-def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
+def check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint written with other objective settings."""
     if not state:
         return
@@ -176,7 +176,7 @@ class Data2VecObjective(Objective):
                 "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_resume(state, "data2vec", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        check_resume(state, "data2vec", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
         self.last_momentum = float(state.get("last_momentum", self.ema_base))
 
 

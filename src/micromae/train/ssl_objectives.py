@@ -24,20 +24,10 @@ from micromae.models.dama import ema_momentum
 from micromae.models.mocov3 import MoCoV3
 from micromae.models.simmim import SimMIM
 from micromae.runtime import eval_mode, unwrap
+from micromae.train.dama_objectives import check_resume
 from micromae.train.engine import Objective
 
 __all__ = ["MoCoV3Objective", "SimMIMObjective"]
-
-
-def _check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint written with other objective settings."""
-    if not state:
-        return
-    found = {k: state.get(k) for k in ["objective", *expected]}
-    wanted = {"objective": kind, **expected}
-    if found != wanted:
-        raise input_error("checkpoint objective state", repr(wanted), repr(found),
-                          "Resume with the config the run was started with")
 
 
 class SimMIMObjective(Objective):
@@ -57,7 +47,7 @@ class SimMIMObjective(Objective):
         return {"objective": "simmim", "settings": self.model.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_resume(state, "simmim", {"settings": self.model.settings()})
+        check_resume(state, "simmim", {"settings": self.model.settings()})
 
     @torch.no_grad()
     def save_figure(self, batch: torch.Tensor, path: Path) -> None:
@@ -100,5 +90,5 @@ class MoCoV3Objective(Objective):
                 "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_resume(state, "mocov3", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        check_resume(state, "mocov3", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
         self.last_momentum = float(state.get("last_momentum", self.ema_base))
