@@ -53,11 +53,13 @@ from micromae.train.classify_data import load_labelled_crops
 from micromae.train.pretrain import run_pretrain
 from mif_calibration import SEED, channel_means_accuracy
 
-METHODS = {
-    "MAE": ["objective=mae"],
-    "DAMA": ["objective=dama", "dama.config=student1-student2", "dama.masking=adaptive"],
-    "DAMA-rand": ["objective=dama", "dama.config=student1-student2", "dama.masking=random_overlap"],
-    "data2vec": ["objective=data2vec"],
+METHODS = {  # name: (preset, overrides)
+    "MAE": ("dama_tiny", ["objective=mae"]),
+    "DAMA": ("dama_tiny", ["objective=dama", "dama.config=student1-student2", "dama.masking=adaptive"]),
+    "DAMA-rand": ("dama_tiny", ["objective=dama", "dama.config=student1-student2", "dama.masking=random_overlap"]),
+    "data2vec": ("dama_tiny", ["objective=data2vec"]),
+    "SimMIM": ("simmim_tiny", []),
+    "MoCo-v3": ("mocov3_tiny", []),
 }
 
 
@@ -80,7 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-folds", type=int, default=5, help="splits fine-tuned (default 5)")
     p.add_argument("--finetune-steps", type=int, default=3000,
                    help="fine-tuning steps per run (default 3000, as the calibration of random init)")
+    p.add_argument("--finetune-fractions", default=None,
+                   help="shares fine-tuned (default: --fractions); the probes always run at --fractions")
     p.add_argument("--skip-finetune", action="store_true", help="probes only")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="write the pools and pre-train --methods into --keep-runs, then stop (to pre-train in parts)")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep pools and pre-training runs here (reused)")
     return p.parse_args(argv)
 
@@ -91,14 +97,15 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int) -> PretrainConfig:
-    """``dama_tiny`` with the method's objective, on the pre-training pool's crops, for ``steps`` steps."""
-    overrides = METHODS[method] + model_overrides(args) + [
+    """The method's tiny preset, on the pre-training pool's crops, for ``steps`` steps."""
+    preset, method_overrides = METHODS[method]
+    overrides = method_overrides + model_overrides(args) + [
         "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
         "data.normalize=dtype", f"train.steps={steps}", f"train.warmup_steps={max(1, min(20, steps // 10))}",
         "train.figure_every=0", "train.ckpt_every=0", "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
     if args.quick:
         overrides += ["train.batch_size=4"]
-    return load_config(resolve_config("dama_tiny"), PretrainConfig, overrides)
+    return load_config(resolve_config(preset), PretrainConfig, overrides)
 
 
 def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Path, root: Path) -> int:
@@ -137,6 +144,8 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.pretrain_only and args.keep_runs is None:
+        raise SystemExit("--pretrain-only keeps nothing without --keep-runs DIR: pass the folder to pre-train into")
     rep = Reporter("mif_comparison", args.out, torch.device("cpu"), args.quick)
     fractions = [float(f) for f in args.fractions.split(",")]
     folds = 2 if args.quick else args.folds
@@ -148,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             write_mif_pools(pools, n_pre, n_lab, shape=(128, 128) if args.quick else (512, 512), seed=SEED,
                             crop_size=args.crop_size, realism="paper")
         checkpoints = pretrain_all(rep, args, pools / "pretrain" / "cells", root)
+        if args.pretrain_only:
+            rep.close()
+            return 0
         cells = pools / "labelled" / "cells"
         results = (root / "results") if args.quick else args.out / "mif_comparison"
         common = dict(config="classify_tiny", device="cpu", fractions=fractions)
@@ -164,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                                          if not args.quick else "train.batch_size=4",
                                          f"train.log_every={max(1, steps // 10)}"]
             cpu = own_cpu_seconds()
+            ft_fractions = [float(f) for f in (args.finetune_fractions or args.fractions).split(",")]
             ft = run_evaluate_classification(checkpoints, cells, results / "finetune", methods=("finetune",),
                                              folds=1 if args.quick else args.finetune_folds, overrides=finetune,
-                                             **common)
+                                             **{**common, "fractions": ft_fractions})
             rows += ft["summary"]
             rep.emit("cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, phase="finetune")
         crops = load_labelled_crops(cells, args.model_size or args.crop_size, normalize="dtype")

@@ -139,7 +139,7 @@ def test_channel_means_accuracy_reads_the_label_only_when_means_carry_it():
 def test_mif_comparison_quick(tmp_path):
     lines = run_quick("mif_comparison", tmp_path)
     runs = {line["method"]: line for line in lines if line["figure"] == "pretrain_cpu_s"}
-    assert set(runs) == {"MAE", "DAMA", "DAMA-rand", "data2vec"}
+    assert set(runs) == {"MAE", "DAMA", "DAMA-rand", "data2vec", "SimMIM", "MoCo-v3"}
     assert all(r["steps"] == 2 and r["value"] >= 0 and math.isfinite(r["last_loss"]) for r in runs.values())
     accuracy = [line for line in lines if line["figure"] == "accuracy"]
     encoders = set(runs) | {"random init"}

@@ -10,6 +10,9 @@ any set of encoders.
 3. **Methods** per (encoder, fold, fraction): ``finetune`` (the full recipe of
    :mod:`micromae.train.classify` from the encoder, or from random init), ``linear`` (linear probe) and
    ``knn`` (k-NN) on frozen features (:mod:`micromae.evaluate.probe`). Accuracy on the fold's test part.
+4. **Seeds**: fold ``i`` runs with ``train.seed + i``: the fine-tuning runs of a fold (head init, data order,
+   augmentation) and, for ``"random"``, the random-init encoder itself, so the random-init control is a
+   different random network in every fold (its spread is over seeds as well as splits).
 
 Outputs in ``out``: ``results.json`` (settings, per-fold records, summary), ``results.md`` (mean ± std accuracy
 and error per encoder, method and fraction, with the per-fold numbers) and ``accuracy_vs_fraction.png`` (Fig.
@@ -156,12 +159,13 @@ class _Protocol:
         self.log = out / "folds.jsonl"
         self.records = [json.loads(x) for x in self.log.read_text().splitlines() if x] if self.log.is_file() else []
 
-    def cfg_for(self, init: str, branch: int):
-        return apply_overrides(self.base, [f"init={init}", f"init_branch={branch}"])
+    def cfg_for(self, init: str, branch: int, fold: int = 0):
+        return apply_overrides(self.base, [f"init={init}", f"init_branch={branch}",
+                                           f"train.seed={self.base.train.seed + fold}"])
 
-    def encoder(self, init: str, branch: int):
-        torch.manual_seed(self.base.train.seed)
-        return build_encoder(self.cfg_for(init, branch))[0]
+    def encoder(self, init: str, branch: int, fold: int = 0):
+        torch.manual_seed(self.base.train.seed + fold)
+        return build_encoder(self.cfg_for(init, branch, fold))[0]
 
     def crops_at(self, size: int):
         if size not in self.crops:
@@ -184,9 +188,9 @@ class _Protocol:
         self.records.append(record)
         _write(self.log, "".join(json.dumps(r) + "\n" for r in self.records))
 
-    def finetune(self, init: str, branch: int, crops: Any, train: np.ndarray, test: np.ndarray, run_dir: Path,
-                 keep_checkpoints: bool) -> float:
-        cfg = self.cfg_for(init, branch)
+    def finetune(self, init: str, branch: int, fold: int, crops: Any, train: np.ndarray, test: np.ndarray,
+                 run_dir: Path, keep_checkpoints: bool) -> float:
+        cfg = self.cfg_for(init, branch, fold)
         batch = min(cfg.train.batch_size, len(train) - len(train) % 2)
         cfg = apply_overrides(cfg, [f"train.batch_size={batch}"])
         cfg.data.train_files = [crops.files[i] for i in train]
@@ -232,7 +236,7 @@ def run_evaluate_classification(checkpoints: Mapping[str, str], root: str | Path
         check_channels(encoder, crops, init)
         if splits is None:  # the same files in the same order at every size: one set of splits for all
             splits = stratified_splits(crops.labels.numpy(), folds, test_size, seed)
-        feats = None
+        feats, feats_fold = None, None
         for method in methods:
             for fold, (train_all, test) in enumerate(splits):
                 for fraction in sorted(fractions):
@@ -242,10 +246,13 @@ def run_evaluate_classification(checkpoints: Mapping[str, str], root: str | Path
                     train = fraction_subset(train_all, crops.labels.numpy(), fraction, seed, fold)
                     if method == "finetune":
                         run_dir = out / "runs" / name.replace("/", "_") / f"fold{fold:02d}_frac{fraction:.3f}"
-                        acc = proto.finetune(init, branch, crops, train, test, run_dir, keep_checkpoints)
+                        acc = proto.finetune(init, branch, fold, crops, train, test, run_dir, keep_checkpoints)
                     else:
+                        if init == "random" and feats_fold != fold:  # a new random network per fold
+                            encoder, feats = proto.encoder(init, branch, fold), None
                         if feats is None:
                             feats = extract_features(encoder, crops.images, device=dev).to(dev)
+                            feats_fold = fold
                         y = crops.labels.to(dev)
                         tr, te = torch.as_tensor(train, device=dev), torch.as_tensor(test, device=dev)
                         if method == "linear":
