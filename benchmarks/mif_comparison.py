@@ -1,40 +1,45 @@
 """The DAMA paper's comparison (Table 1, Fig. 4) on the paper-like synthetic multiplex benchmark: random init vs
-MAE vs DAMA vs DAMA-rand vs data2vec, each pre-trained for the same CPU budget, evaluated by k-NN, linear probe
-and fine-tuning at several shares of the labelled training part over repeated 60/40 splits.
+MAE vs DAMA vs DAMA-rand vs data2vec vs SimMIM vs MoCo-v3, each pre-trained for the same CPU budget, evaluated
+by k-NN, linear probe and fine-tuning at several shares of the labelled training part over repeated 60/40 splits.
 
 1. Pools (``write_mif_pools``, the data of ``mif_calibration.py``: ``realism=paper``, seed ``SEED``, 64-px
    crops centred on each cell): ``--pretrain-images`` images whose crops are the pre-training pool and
    ``--labelled-images`` other images whose crops are the labelled pool (about 4000 crops each at the
    defaults, like the paper's 4000 + 4000). No image is in both.
-2. Pre-training: the ``dama_tiny`` preset with the model at the crops' side (``--model-size`` 64, patches
-   ``--patch-size`` 8: 64 tokens, the dama_tiny cost per image) on the pre-training pool's crops
-   (``data.source=images``; the paper's augmentation: a random crop of ``--crop-scale`` of the side, resized),
-   once per method. **Equal CPU budget**: each method first runs ``--timing-steps`` steps; its step count is
-   then ``--budget-min`` CPU minutes divided by its measured CPU seconds per step (so DAMA, which runs two
-   networks, takes about half MAE's steps). The CPU seconds actually used are reported per method.
-3. Protocol (``run_evaluate_classification`` on the labelled pool, the same splits for every encoder):
-   k-NN (k = 20) and linear probe on frozen features on ``--folds`` splits at ``--fractions``; fine-tuning
-   (``classify_tiny`` recipe, ``--finetune-steps`` steps for every share, so every run costs the same) on
-   the first ``--finetune-folds`` splits at the same shares.
+2. Pre-training: each method's tiny preset (``dama_tiny`` with the objective switched; ``simmim_tiny``,
+   ``mocov3_tiny``) with the model at the crops' side (``--model-size`` 64, patches ``--patch-size`` 8: 64
+   tokens) on the pre-training pool's crops (``data.source=images``; a random crop of ``--crop-scale`` of the
+   side, resized; MoCo-v3 its two views). **Equal CPU budget**: a method's cost per step is measured (after a
+   5-step warm-up run, the difference between runs of ``2 × --timing-steps`` and ``--timing-steps`` steps,
+   which removes the set-up); its step count is ``--budget-min`` CPU minutes divided by that. The CPU seconds
+   actually used are reported per method.
+3. Protocol (``run_evaluate_classification`` on the labelled pool, the same splits for every encoder; fold i
+   runs with seed i, so the random-init control is a new random network in every fold): k-NN (k = 20) and
+   linear probe on frozen features on ``--folds`` splits at ``--fractions``; fine-tuning (``classify_tiny``
+   recipe, ``--finetune-steps`` steps for every share, so every run costs the same) on the first
+   ``--finetune-folds`` splits at ``--finetune-fractions``.
 4. Output: JSON lines (``pretrain_cpu_s`` per method, ``accuracy`` per encoder, method and share, with mean ±
    std over folds), ``<out>/mif_comparison.md`` (table: rows encoders, columns method @ share, plus the
-   channel-means baseline of the same splits) and the protocol's ``results.md`` / ``accuracy_vs_fraction.png``
-   (Fig. 4 style) under ``<out>/mif_comparison/{probes,finetune}/``.
+   channel-means baseline of the same splits), ``mif_comparison_rows.json`` (its rows) and the protocol's
+   ``results.md`` / ``accuracy_vs_fraction.png`` (Fig. 4 style) under ``<out>/mif_comparison/{probes,finetune}/``.
 
-Costs at the defaults on 2 shared cores: pools ~2 min; pre-training 4 × ``--budget-min`` CPU minutes;
-probes a few minutes; fine-tuning ``encoders × folds × shares`` = 100 runs of ``--finetune-steps`` steps,
-~285 CPU s each at 3000 steps (BENCHMARKS.md): about 8 CPU hours. On the shared CPU run it in parts (each
-with its own ``--out``: ``--methods``, ``--finetune-folds``; ``--keep-runs DIR`` reuses the pools and the
-pre-trainings), or start with ``--skip-finetune`` (probes only, minutes).
+Running in parts on a shared CPU: pre-train with ``--pretrain-only --keep-runs DIR --methods ...`` (two such
+processes at once share DIR once the pools are written), evaluate with ``--keep-runs DIR --encoders ...`` and
+an ``--out`` per part, then write one table with ``--combine OUT1,OUT2 --out OUT``.
+
+Costs at the defaults, one thread: pools ~2 min; pre-training 6 × ``--budget-min`` CPU minutes; probes a few
+minutes; fine-tuning ``encoders × folds × shares`` runs of ``--finetune-steps`` steps at ~0.095 CPU s per step.
 
     OMP_NUM_THREADS=1 python benchmarks/mif_comparison.py [--quick] [--budget-min 20] [--methods DAMA,MAE]
-        [--folds 5] [--finetune-folds 5] [--fractions 0.1,0.2,0.5,1.0] [--finetune-steps 3000] [--keep-runs DIR]
+        [--folds 5] [--finetune-folds 5] [--fractions 0.1,0.2,0.5,1.0] [--finetune-fractions 0.1]
+        [--finetune-steps 3000] [--keep-runs DIR] [--pretrain-only] [--encoders ...] [--combine OUT1,OUT2]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import tempfile
 import time
@@ -70,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
     p.add_argument("--methods", default=",".join(METHODS), help=f"pre-training methods (default {','.join(METHODS)})")
     p.add_argument("--budget-min", type=float, default=20.0, help="CPU minutes of pre-training per method")
-    p.add_argument("--timing-steps", type=int, default=20, help="steps timed to set each method's step count")
+    p.add_argument("--timing-steps", type=int, default=50,
+                   help="steps timed (runs of N and 2N steps) to set each method's step count (default 50)")
     p.add_argument("--crop-size", type=int, default=64, help="side of the cell crops (default 64)")
     p.add_argument("--model-size", type=int, default=None, help="the ViT's input side (default: --crop-size)")
     p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (default 8)")
@@ -85,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-fractions", default=None,
                    help="shares fine-tuned (default: --fractions); the probes always run at --fractions")
     p.add_argument("--skip-finetune", action="store_true", help="probes only")
+    p.add_argument("--encoders", default=None,
+                   help="evaluate only these (names of --methods and 'random init'; to evaluate in parallel parts)")
+    p.add_argument("--combine", default=None, metavar="OUT1,OUT2",
+                   help="only write the table of earlier parts' --out folders (their results.json) into --out")
     p.add_argument("--pretrain-only", action="store_true",
                    help="write the pools and pre-train --methods into --keep-runs, then stop (to pre-train in parts)")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep pools and pre-training runs here (reused)")
@@ -109,15 +119,22 @@ def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int)
 
 
 def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Path, root: Path) -> int:
-    """Steps that fill ``--budget-min`` CPU minutes, from a ``--timing-steps`` run of the method."""
+    """Steps that fill ``--budget-min`` CPU minutes. A run costs set-up (reading the pool, building the model)
+    plus steps, so the cost per step is the difference between a ``2 × --timing-steps`` and a ``--timing-steps``
+    run of the method, divided by ``--timing-steps``, after a 5-step warm-up run."""
     if args.quick:
         return 2
-    cpu = own_cpu_seconds()
-    run_pretrain(method_config(method, args, pool, args.timing_steps), root / "timing" / method)
-    per_step = (own_cpu_seconds() - cpu) / args.timing_steps
+    used = []  # a first short run takes the one-off costs (reading the pool into the page cache, lazy imports)
+    run_pretrain(method_config(method, args, pool, 5), root / "timing" / f"{method}_warmup")
+    for n in (args.timing_steps, 2 * args.timing_steps):
+        cpu = own_cpu_seconds()
+        run_pretrain(method_config(method, args, pool, n), root / "timing" / f"{method}_{n}")
+        used.append(own_cpu_seconds() - cpu)
+    per_step = max(used[1] - used[0], 1e-3) / args.timing_steps
     steps = max(1, math.floor(args.budget_min * 60 / per_step))
     rep.emit("pretrain_cpu_s_per_step", per_step, "CPU seconds", None, method=method, steps=steps,
-             timing_steps=args.timing_steps, budget_min=args.budget_min)
+             timing_steps=args.timing_steps, setup_cpu_s=used[0] - per_step * args.timing_steps,
+             budget_min=args.budget_min)
     return steps
 
 
@@ -139,11 +156,42 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
                      budget_min=args.budget_min)
         checkpoints[method] = str(last)
     checkpoints["random init"] = "random"
+    if args.encoders:
+        names = args.encoders.split(",")
+        if unknown := [n for n in names if n not in checkpoints]:
+            raise SystemExit(f"--encoders {unknown}: choose among {', '.join(checkpoints)}")
+        checkpoints = {n: p for n, p in checkpoints.items() if n in names}
     return checkpoints
+
+
+def combine(args: argparse.Namespace) -> int:
+    """The table of several parts (``--combine``): their rows (``mif_comparison_rows.json``), one channel-means
+    row; a (encoder, method, share) evaluated in two parts is refused."""
+    rows, baseline, seen = [], None, set()
+    for part in args.combine.split(","):
+        path = Path(part) / "mif_comparison_rows.json"
+        if not path.is_file():
+            raise SystemExit(f"--combine: no {path}; pass the --out folders of finished parts")
+        saved = json.loads(path.read_text())
+        for r in saved["rows"]:
+            key = (r["encoder"], r["method"], r["fraction"])
+            if key in seen:
+                raise SystemExit(f"--combine: {key} is in two parts; evaluate each encoder in one part only")
+            seen.add(key)
+            rows.append(r)
+        baseline = saved["baseline"]
+    text = table(rows + [baseline])
+    log("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "mif_comparison.md", overwrite=True) as tmp:
+        tmp.write_text(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args)
     if args.pretrain_only and args.keep_runs is None:
         raise SystemExit("--pretrain-only keeps nothing without --keep-runs DIR: pass the folder to pre-train into")
     rep = Reporter("mif_comparison", args.out, torch.device("cpu"), args.quick)
@@ -201,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "mif_comparison.md"
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(text)
+    with atomic_path(args.out / "mif_comparison_rows.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
     return 0
 
 

@@ -155,6 +155,12 @@ def test_mif_comparison_quick(tmp_path):
     assert any(line["figure"] == "channel_means_accuracy" for line in lines)
     table = (tmp_path / "mif_comparison.md").read_text()
     assert all(f"| {name} |" in table for name in encoders) and "channel means" in table
+    # parts evaluated apart combine into the same table; the same rows twice are refused
+    comparison = load_module("mif_comparison")
+    assert comparison.main(["--combine", str(tmp_path), "--out", str(tmp_path / "combined")]) == 0
+    assert (tmp_path / "combined" / "mif_comparison.md").read_text() == table
+    with pytest.raises(SystemExit, match="in two parts"):
+        comparison.main(["--combine", f"{tmp_path},{tmp_path}", "--out", str(tmp_path / "twice")])
 
 
 def test_mif_benchmarks_share_the_calibrated_data():
