@@ -412,3 +412,30 @@ def test_save_figure_and_channel_colours(tmp_path):
     path = obj.save_figure(imgs(2), tmp_path / "fig.png") or tmp_path / "fig.png"
     assert path.is_file() and path.stat().st_size > 1000
     assert obj.model.training
+
+
+def test_momentum_objectives_share_schedule_state_and_resume_checks():
+    """DAMA (ema), data2vec and MoCo v3 keep their momentum the same way: a cosine from the base to 1, saved
+    with the settings, and resuming under another base momentum or another objective is refused."""
+    from micromae.models.dama import ema_momentum
+    from micromae.models.mocov3 import MoCoV3
+    from micromae.train.ssl_objectives import MoCoV3Objective
+
+    objs = [DAMAObjective(tiny_mae(), total_steps=10, ema_momentum=0.9, config="ema", K=2),
+            Data2VecObjective(tiny_mae(), total_steps=10, ema_momentum=0.9, K=2),
+            MoCoV3Objective(MoCoV3(tiny_mae().encoder, dim=8, mlp_dim=16), total_steps=10, ema_momentum=0.9)]
+    for obj in objs:
+        obj.after_step(4)
+        assert obj.last_momentum == pytest.approx(ema_momentum(4, 10, 0.9)) and 0.9 < obj.last_momentum < 1.0
+        state = obj.state_dict()
+        assert state["objective"] == obj.name and state["last_momentum"] == obj.last_momentum
+        fresh = type(obj).__new__(type(obj))
+        fresh.__dict__.update({**obj.__dict__, "last_momentum": obj.ema_base})
+        fresh.load_state_dict(state)
+        assert fresh.last_momentum == obj.last_momentum
+        with pytest.raises(MicromaeInputError, match="objective state"):
+            fresh.load_state_dict({**state, "ema_momentum": 0.5})
+        with pytest.raises(MicromaeInputError, match="objective state"):
+            fresh.load_state_dict({**state, "objective": "mae"})
+    with pytest.raises(MicromaeInputError, match=r"\[0, 1\]"):
+        Data2VecObjective(tiny_mae(), total_steps=10, ema_momentum=1.5, K=2)

@@ -196,6 +196,22 @@ def _wait(qtbot, widget, timeout=120_000):
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
+def _name_clusters(viewer, layer, names: dict[int, str], qtbot) -> None:
+    """Name clusters of ``layer`` (k = 3) in the NameClustersWidget and wait until it has written them."""
+    from micromae.napari.widgets import NameClustersWidget
+
+    widget = NameClustersWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    widget.labels.value = layer
+    assert widget.table.to_dict("list")["cluster"] == [0, 1, 2]
+    for cluster, name in names.items():
+        widget.table.data[cluster, 1] = name
+    widget.start()
+    _wait(qtbot, widget)
+    assert widget.error is None, widget.status.value
+
+
 @needs_display
 def test_viewer_opens_a_segmentation_through_the_reader(make_napari_viewer, plugin, seg):
     viewer = make_napari_viewer()
@@ -209,7 +225,6 @@ def test_viewer_opens_a_segmentation_through_the_reader(make_napari_viewer, plug
 @needs_display
 def test_viewer_opens_a_multiscale_ome_zarr_output_and_names_its_clusters(make_napari_viewer, plugin, tiny_run,
                                                                          tmp_path, qtbot):
-    from micromae.napari.widgets import NameClustersWidget
     from micromae.segment.pipeline import run_segment
 
     out = run_segment(tiny_run / "run" / "checkpoints" / "last.pt", tiny_run / "data" / "image.tif",
@@ -223,16 +238,7 @@ def test_viewer_opens_a_multiscale_ome_zarr_output_and_names_its_clusters(make_n
     assert layer.multiscale and len(layer.data) == 3 and viewer.layers["cell image"].multiscale
     assert np.array_equal(np.asarray(layer.data[0]), group["labels/clusters/0"][:])
     assert tuple(layer.scale) == (0.04, 0.01, 0.01)
-    names = NameClustersWidget(viewer)
-    viewer.window.add_dock_widget(names)
-    names.reset_choices()
-    names.labels.value = layer
-    assert names.table.to_dict("list")["cluster"] == [0, 1, 2]
-    names.table.data[0, 1] = "cytoplasm"
-    names.table.data[2, 1] = "nucleus"
-    names.start()
-    _wait(qtbot, names)
-    assert names.error is None, names.status.value
+    _name_clusters(viewer, layer, {0: "cytoplasm", 2: "nucleus"}, qtbot)
     stored = zarr.open_group(store=str(out), mode="r")
     clusters = stored["labels/clusters/0"][:]
     np.testing.assert_array_equal(stored["labels/classes/0"][:], np.array([1, 0, 2])[clusters])
@@ -243,7 +249,7 @@ def test_segment_widget_equals_the_cli_then_names_clusters_and_screenshot(make_n
                                                                           tiny_run, tmp_path, qtbot):
     import tifffile
 
-    from micromae.napari.widgets import NameClustersWidget, SegmentWidget
+    from micromae.napari.widgets import SegmentWidget
 
     viewer = make_napari_viewer(show=True)
     image = tifffile.imread(tiny_run / "data" / "image.tif")
@@ -266,17 +272,7 @@ def test_segment_widget_equals_the_cli_then_names_clusters_and_screenshot(make_n
     assert np.array_equal(zarr.open_group(store=str(out), mode="r")["labels"][:], cli)
     assert np.array_equal(zarr.open_group(store=str(out), mode="r")["image"][:], image)
 
-    names = NameClustersWidget(viewer)
-    viewer.window.add_dock_widget(names)
-    names.reset_choices()
-    names.labels.value = layer
-    assert names.table.to_dict("list")["cluster"] == [0, 1, 2]
-    names.table.data[0, 1] = "cytoplasm"
-    names.table.data[2, 1] = "cytoplasm"
-    names.table.data[1, 1] = "nucleus"
-    names.start()
-    _wait(qtbot, names)
-    assert names.error is None, names.status.value
+    _name_clusters(viewer, layer, {0: "cytoplasm", 2: "cytoplasm", 1: "nucleus"}, qtbot)
     classes = viewer.layers["cell classes"]
     expected = np.select([cli == 1, cli != 1], [2, 1])
     assert np.array_equal(classes.data, expected)

@@ -19,12 +19,12 @@ from torch import nn
 
 from micromae.errors import input_error
 from micromae.figures import channels_to_rgb, display_scale, plt, save_figure
-from micromae.models.dama import DAMA, ema_momentum, ema_update
+from micromae.models.dama import DAMA, ema_update
 from micromae.models.data2vec import Data2Vec, target_spread
 from micromae.models.mae import MaskedAutoencoder
 from micromae.models.vit import ViTEncoder
 from micromae.runtime import eval_mode, unwrap
-from micromae.train.engine import Objective
+from micromae.train.engine import MomentumObjective, Objective, check_resume
 from micromae.train.objectives import MAEObjective
 
 __all__ = ["DAMAObjective", "Data2VecObjective", "build_dama_comparison_objective",
@@ -49,7 +49,7 @@ def _mask_image(model: MaskedAutoencoder, mask: torch.Tensor) -> torch.Tensor:
     return m.repeat_interleave(p, 2).repeat_interleave(p, 3)
 
 
-class DAMAObjective(Objective):
+class DAMAObjective(MomentumObjective):
     """``L = L_p1 + L_p2 + alpha * L_f`` (see :class:`micromae.models.dama.DAMA` for every option).
 
     Args:
@@ -73,12 +73,7 @@ class DAMAObjective(Objective):
             dama = model
         else:
             dama = DAMA(model, **options)
-        super().__init__(dama)
-        if not 0.0 <= float(ema_momentum) <= 1.0:
-            raise input_error("ema_momentum", "a number in [0, 1]", repr(ema_momentum), "Use 0.996 (paper)")
-        self.total_steps = max(1, int(total_steps))
-        self.ema_base = float(ema_momentum)
-        self.last_momentum = self.ema_base
+        super().__init__(dama, total_steps, ema_momentum)
 
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = module(batch)
@@ -91,17 +86,7 @@ class DAMAObjective(Objective):
     def after_step(self, step: int) -> None:
         """EMA update of branch 2 after optimiser step ``step`` (0-based), momentum cosine-scheduled."""
         if self.model.config == "ema":
-            self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
-            self.model.update_teacher(self.last_momentum)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The settings (checked on resume); the weights, teacher included, are in the model's state."""
-        return {"objective": "dama", "settings": self.model.settings(), "total_steps": self.total_steps,
-                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_resume(state, "dama", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
-        self.last_momentum = float(state.get("last_momentum", self.ema_base))
+            self.model.update_teacher(self.next_momentum(step))
 
     @torch.no_grad()
     def save_figure(self, batch: torch.Tensor, path: Path) -> None:
@@ -133,18 +118,7 @@ class DAMAObjective(Objective):
             save_figure(fig, path)
 
 
-def check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint written with other objective settings."""
-    if not state:
-        return
-    found = {k: state.get(k) for k in ["objective", *expected]}
-    wanted = {"objective": kind, **expected}
-    if found != wanted:
-        raise input_error("checkpoint objective state", repr(wanted), repr(found),
-                          "Resume with the config the run was started with")
-
-
-class Data2VecObjective(Objective):
+class Data2VecObjective(MomentumObjective):
     """data2vec baseline; the teacher follows the student by EMA (cosine ``ema_momentum`` -> 1). Logs
     ``loss_f``, ``ema_momentum`` and the target's spread (:func:`~micromae.models.data2vec.target_spread`:
     ``target_std_tokens``, ``target_std_images``), which fall to 0 if the target collapses."""
@@ -159,25 +133,14 @@ class Data2VecObjective(Objective):
             encoder = model.encoder if isinstance(model, MaskedAutoencoder) else model
             ratio = mask_ratio if mask_ratio is not None else getattr(model, "mask_ratio", 0.6)
             model = Data2Vec(encoder, mask_ratio=ratio, K=K, beta=beta, target_norm=target_norm)
-        super().__init__(model)
-        self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
-        self.last_momentum = self.ema_base
+        super().__init__(model, total_steps, ema_momentum)
 
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         loss, _, target, _ = module(batch)
         return loss, {"loss_f": float(loss.detach()), "ema_momentum": self.last_momentum, **target_spread(target)}
 
     def after_step(self, step: int) -> None:
-        self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
-        ema_update(self.model.teacher, self.model.encoder, self.last_momentum)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"objective": "data2vec", "settings": self.model.settings(), "total_steps": self.total_steps,
-                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_resume(state, "data2vec", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
-        self.last_momentum = float(state.get("last_momentum", self.ema_base))
+        ema_update(self.model.teacher, self.model.encoder, self.next_momentum(step))
 
 
 def build_dama_comparison_objective(kind: str, model: MaskedAutoencoder, total_steps: int,

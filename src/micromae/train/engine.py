@@ -23,6 +23,7 @@ from micromae.config import TrainConfig
 from micromae.errors import at_least, input_error
 from micromae.io import check_free_space
 from micromae.io.preflight import existing_ancestor
+from micromae.models.dama import ema_momentum as cosine_momentum
 from micromae.runtime import say
 from micromae.train.checkpoint import (
     load_checkpoint,
@@ -100,6 +101,45 @@ class Objective:
 
     def save_figure(self, batch: torch.Tensor, path: Path) -> None:
         """Write a PNG about the current model on ``batch`` (called on the main process only)."""
+
+
+def check_resume(state: dict[str, Any], kind: str, expected: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint written with other objective settings (``kind`` = the objective's tag)."""
+    if not state:
+        return
+    found = {k: state.get(k) for k in ["objective", *expected]}
+    wanted = {"objective": kind, **expected}
+    if found != wanted:
+        raise input_error("checkpoint objective state", repr(wanted), repr(found),
+                          "Resume with the config the run was started with")
+
+
+class MomentumObjective(Objective):
+    """An objective with a momentum (EMA) branch: the momentum follows a cosine from ``ema_momentum`` to 1
+    over ``total_steps`` (:meth:`next_momentum` after each optimiser step). Checkpoints hold the model's
+    ``settings()``, the schedule and the last momentum, tagged with ``name``; resuming with other settings is
+    refused. ``option`` names the setting in the error for an out-of-range momentum."""
+
+    def __init__(self, model: nn.Module, total_steps: int, ema_momentum: float, option: str = "ema_momentum"):
+        super().__init__(model)
+        if not 0.0 <= float(ema_momentum) <= 1.0:
+            raise input_error(option, "a number in [0, 1]", repr(ema_momentum), "Use e.g. 0.996 (DAMA) or 0.99")
+        self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
+        self.last_momentum = self.ema_base
+
+    def next_momentum(self, step: int) -> float:
+        """The momentum after optimiser step ``step`` (0-based), kept as ``last_momentum``."""
+        self.last_momentum = cosine_momentum(step, self.total_steps, self.ema_base)
+        return self.last_momentum
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings (checked on resume); the weights, momentum branch included, are in the model's state."""
+        return {"objective": self.name, "settings": self.model.settings(), "total_steps": self.total_steps,
+                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resume(state, self.name, {"settings": self.model.settings(), "ema_momentum": self.ema_base})
+        self.last_momentum = float(state.get("last_momentum", self.ema_base))
 
 
 @dataclass

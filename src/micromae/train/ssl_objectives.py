@@ -18,14 +18,11 @@ import torch
 from torch import nn
 
 from micromae.data.views import FluorescenceViews
-from micromae.errors import input_error
 from micromae.figures import plot_reconstructions
-from micromae.models.dama import ema_momentum
 from micromae.models.mocov3 import MoCoV3
 from micromae.models.simmim import SimMIM
 from micromae.runtime import eval_mode, unwrap
-from micromae.train.dama_objectives import check_resume
-from micromae.train.engine import Objective
+from micromae.train.engine import MomentumObjective, Objective, check_resume
 
 __all__ = ["MoCoV3Objective", "SimMIMObjective"]
 
@@ -62,7 +59,7 @@ class SimMIMObjective(Objective):
                                  title=f"SimMIM L1 {float(out.loss):.4f}")
 
 
-class MoCoV3Objective(Objective):
+class MoCoV3Objective(MomentumObjective):
     """MoCo v3 with fluorescence views; ``total_steps`` sets the momentum schedule."""
 
     name = "mocov3"
@@ -70,11 +67,7 @@ class MoCoV3Objective(Objective):
 
     def __init__(self, model: MoCoV3, total_steps: int = 1, ema_momentum: float = 0.99,
                  views: FluorescenceViews | None = None) -> None:
-        super().__init__(model)
-        if not 0.0 <= float(ema_momentum) <= 1.0:
-            raise input_error("mocov3.ema_momentum", "a number in [0, 1]", repr(ema_momentum), "Use 0.99 (paper)")
-        self.total_steps, self.ema_base = max(1, int(total_steps)), float(ema_momentum)
-        self.last_momentum = self.ema_base
+        super().__init__(model, total_steps, ema_momentum, option="mocov3.ema_momentum")
         self.views = views or FluorescenceViews()
 
     def loss(self, module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -82,13 +75,4 @@ class MoCoV3Objective(Objective):
         return module(view1, view2), {"ema_momentum": self.last_momentum}
 
     def after_step(self, step: int) -> None:
-        self.last_momentum = ema_momentum(step, self.total_steps, self.ema_base)
-        self.model.update_momentum(self.last_momentum)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"objective": "mocov3", "settings": self.model.settings(), "total_steps": self.total_steps,
-                "ema_momentum": self.ema_base, "last_momentum": self.last_momentum}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_resume(state, "mocov3", {"settings": self.model.settings(), "ema_momentum": self.ema_base})
-        self.last_momentum = float(state.get("last_momentum", self.ema_base))
+        self.model.update_momentum(self.next_momentum(step))
