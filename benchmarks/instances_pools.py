@@ -28,10 +28,12 @@ random init vs each pre-trained encoder (DAMA paper, Table 2's protocol at a lab
    names), also ``<out>/instances_pools.jsonl``; the table ``<out>/instances_pools.md`` (rows: arms, random init
    first; columns: mean ± std over seeds, and the gains).
 
-Costs (one thread, patch 8, 64-px crops; measured in quick runs, see the CHANGELOG / BENCHMARKS entry): about
-0.2 CPU s per fine-tuning step plus ~5 s set-up, and ~30 CPU s to evaluate the 3 test images of 512×512 as
-tiles, per arm and seed: ``(1 + checkpoints) × seeds × (0.2 × steps + 35)`` CPU s, about 40 CPU minutes for
-six checkpoints, 3 seeds and 300 steps.
+Costs (one thread, patch 8, 64-px crops, batch 4; measured 2026-12-02 on the 2-core VM with ~1 other core busy,
+runs of 10 and 40 steps on the real pools): 0.29 CPU s per fine-tuning step plus ~0.4 s set-up, and 67-70 CPU s
+to evaluate the 3 test images of 512×512 as 64-px tiles at overlap 0.25 (~120 tiles each; measured with a
+barely trained model, 100 detections kept per image). Per arm and seed about ``0.29 × steps + 70`` CPU s: at
+the defaults with six checkpoints (7 arms × 3 seeds × 300 steps) about 21 × 157 ≈ 3300 CPU s, 55 CPU minutes.
+``--quick``: ~17 CPU s.
 
     OMP_NUM_THREADS=1 python benchmarks/instances_pools.py --pools /work/runs/mifcmp/pools \\
         --checkpoint DAMA=/work/runs/mifcmp/pretrain/DAMA/checkpoints/last.pt \\
