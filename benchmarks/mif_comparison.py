@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-size", type=int, default=64, help="side of the cell crops (default 64)")
     p.add_argument("--model-size", type=int, default=None, help="the ViT's input side (default: --crop-size)")
     p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (default 8)")
+    p.add_argument("--normalize", default="dtype", choices=("dtype", "channel_stats"),
+                   help="intensity scaling for pre-training and evaluation (default dtype: / 65535; channel_stats: "
+                        "one percentile range per channel for each folder)")
     p.add_argument("--crop-scale", type=float, default=0.5, help="pre-training random crop, share of the side")
     p.add_argument("--pretrain-images", type=int, default=13, help="images of the pre-training pool (default 13)")
     p.add_argument("--labelled-images", type=int, default=13, help="images of the labelled pool (default 13)")
@@ -111,7 +114,7 @@ def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int)
     preset, method_overrides = METHODS[method]
     overrides = method_overrides + model_overrides(args) + [
         "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
-        "data.normalize=dtype", f"train.steps={steps}", f"train.warmup_steps={max(1, min(20, steps // 10))}",
+        f"data.normalize={args.normalize}", f"train.steps={steps}", f"train.warmup_steps={max(1, min(20, steps // 10))}",
         "train.figure_every=0", "train.ckpt_every=0", "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
     if args.quick:
         overrides += ["train.batch_size=4"]
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = pools / "labelled" / "cells"
         results = (root / "results") if args.quick else args.out / "mif_comparison"
         common = dict(config="classify_tiny", device="cpu", fractions=fractions)
-        size_overrides = model_overrides(args) + ["data.normalize=dtype"]
+        size_overrides = model_overrides(args) + [f"data.normalize={args.normalize}"]
         cpu = own_cpu_seconds()
         probes = run_evaluate_classification(checkpoints, cells, results / "probes", methods=("knn", "linear"),
                                              folds=folds, probe_epochs=100, overrides=size_overrides, **common)
