@@ -114,7 +114,8 @@ def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int)
     preset, method_overrides = METHODS[method]
     overrides = method_overrides + model_overrides(args) + [
         "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
-        f"data.normalize={args.normalize}", f"train.steps={steps}", f"train.warmup_steps={max(1, min(20, steps // 10))}",
+        f"data.normalize={args.normalize}", f"train.steps={steps}",
+        f"train.warmup_steps={max(1, min(20, steps // 10))}",
         "train.figure_every=0", "train.ckpt_every=0", "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
     if args.quick:
         overrides += ["train.batch_size=4"]
