@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoders", default=None,
                    help="evaluate only these (names of --methods and 'random init'; to evaluate in parallel parts)")
     p.add_argument("--combine", default=None, metavar="OUT1,OUT2",
-                   help="only write the table of earlier parts' --out folders (their results.json) into --out")
+                   help="only write the table of earlier parts' --out folders (their mif_comparison_rows.json) "
+                        "into --out")
     p.add_argument("--pretrain-only", action="store_true",
                    help="write the pools and pre-train --methods into --keep-runs, then stop (to pre-train in parts)")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep pools and pre-training runs here (reused)")
@@ -184,12 +185,20 @@ def combine(args: argparse.Namespace) -> int:
             seen.add(key)
             rows.append(r)
         baseline = saved["baseline"]
+    write_table(args.out, rows, baseline, keep_rows=False)
+    return 0
+
+
+def write_table(out: Path, rows: list[dict], baseline: dict, keep_rows: bool = True) -> None:
+    """``out/mif_comparison.md`` (logged too) and, with ``keep_rows``, its rows for ``--combine``."""
     text = table(rows + [baseline])
     log("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "mif_comparison.md", overwrite=True) as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "mif_comparison.md", overwrite=True) as tmp:
         tmp.write_text(text)
-    return 0
+    if keep_rows:
+        with atomic_path(out / "mif_comparison_rows.json", overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,14 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         rep.emit("accuracy", r["accuracy_mean"], "fraction correct", None, encoder=r["encoder"], method=r["method"],
                  fraction=r["fraction"], std=r["accuracy_std"], per_fold=r["accuracy_per_fold"], folds=r["folds"],
                  n_train=r["n_train"], n_test=r["n_test"])
-    text = table(rows + [baseline])
-    log("\n" + text)
     rep.close()
-    path = args.out / "mif_comparison.md"
-    with atomic_path(path, overwrite=True) as tmp:
-        tmp.write_text(text)
-    with atomic_path(args.out / "mif_comparison_rows.json", overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))
+    write_table(args.out, rows, baseline)
     return 0
 
 
