@@ -12,7 +12,10 @@ by k-NN, linear probe and fine-tuning at several shares of the labelled training
    side, resized; MoCo-v3 its two views). **Equal CPU budget**: a method's cost per step is measured (after a
    5-step warm-up run, the difference between runs of ``2 × --timing-steps`` and ``--timing-steps`` steps,
    which removes the set-up); its step count is ``--budget-min`` CPU minutes divided by that. The CPU seconds
-   actually used are reported per method.
+   actually used are reported per method. ``--checkpoint-every-min M`` also keeps the weights after every M
+   budgeted CPU minutes of the same run (one cosine schedule over the whole budget, so an early checkpoint
+   has not had its learning rate decayed); they are evaluated as ``METHOD@<minutes>min``, the gain against
+   pre-training minutes.
 3. Protocol (``run_evaluate_classification`` on the labelled pool, the same splits for every encoder; fold i
    runs with seed i, so the random-init control is a new random network in every fold): k-NN (k = 20) and
    linear probe on frozen features on ``--folds`` splits at ``--fractions``; fine-tuning (``classify_tiny``
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUT_DIR, help=f"results folder (default {OUT_DIR})")
     p.add_argument("--methods", default=",".join(METHODS), help=f"pre-training methods (default {','.join(METHODS)})")
     p.add_argument("--budget-min", type=float, default=20.0, help="CPU minutes of pre-training per method")
+    p.add_argument("--checkpoint-every-min", type=float, default=None,
+                   help="also keep a checkpoint every this many CPU minutes of pre-training; each joins the encoders "
+                        "as METHOD@<minutes>min (the gain against pre-training minutes, within one schedule)")
     p.add_argument("--timing-steps", type=int, default=50,
                    help="steps timed (runs of N and 2N steps) to set each method's step count (default 50)")
     p.add_argument("--crop-size", type=int, default=64, help="side of the cell crops (default 64)")
@@ -110,25 +116,29 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
     return [f"model.img_size={size}", f"model.patch_size={args.patch_size}"]
 
 
-def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int) -> PretrainConfig:
-    """The method's tiny preset, on the pre-training pool's crops, for ``steps`` steps."""
+def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int,
+                  ckpt_every: int = 0) -> PretrainConfig:
+    """The method's tiny preset, on the pre-training pool's crops, for ``steps`` steps (a checkpoint every
+    ``ckpt_every`` steps, all kept, when > 0)."""
     preset, method_overrides = METHODS[method]
     overrides = method_overrides + model_overrides(args) + [
         "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
         f"data.normalize={args.normalize}", f"train.steps={steps}",
         f"train.warmup_steps={max(1, min(20, steps // 10))}",
-        "train.figure_every=0", "train.ckpt_every=0", "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
+        "train.figure_every=0", f"train.ckpt_every={ckpt_every}", f"train.keep_checkpoints={max(2, steps)}",
+        "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
     if args.quick:
         overrides += ["train.batch_size=4"]
     return load_config(resolve_config(preset), PretrainConfig, overrides)
 
 
-def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Path, root: Path) -> int:
-    """Steps that fill ``--budget-min`` CPU minutes. A run costs set-up (reading the pool, building the model)
-    plus steps, so the cost per step is the difference between a ``2 × --timing-steps`` and a ``--timing-steps``
-    run of the method, divided by ``--timing-steps``, after a 5-step warm-up run."""
+def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Path, root: Path) -> tuple[int, float]:
+    """Steps that fill ``--budget-min`` CPU minutes, and the CPU seconds per step. A run costs set-up (reading
+    the pool, building the model) plus steps, so the cost per step is the difference between a
+    ``2 × --timing-steps`` and a ``--timing-steps`` run of the method, divided by ``--timing-steps``, after a
+    5-step warm-up run."""
     if args.quick:
-        return 2
+        return 2, args.budget_min * 30
     used = []  # a first short run takes the one-off costs (reading the pool into the page cache, lazy imports)
     run_pretrain(method_config(method, args, pool, 5), root / "timing" / f"{method}_warmup")
     for n in (args.timing_steps, 2 * args.timing_steps):
@@ -140,25 +150,42 @@ def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Pat
     rep.emit("pretrain_cpu_s_per_step", per_step, "CPU seconds", None, method=method, steps=steps,
              timing_steps=args.timing_steps, setup_cpu_s=used[0] - per_step * args.timing_steps,
              budget_min=args.budget_min)
-    return steps
+    return steps, per_step
 
 
 def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path) -> dict[str, str]:
-    """``{name: checkpoint}`` of every method (reused from ``root`` when there), plus ``random init``."""
+    """``{name: checkpoint}`` of every method (reused from ``root`` when there), plus ``random init``. With
+    ``--encoders``, a method none of whose encoders is asked for is not pre-trained here (another process may be
+    pre-training it: its finished early checkpoints can be evaluated)."""
     checkpoints: dict[str, str] = {}
     for method in args.methods.split(","):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}: choose among {', '.join(METHODS)}")
         run_dir = root / "pretrain" / method
         last = run_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            steps = budget_steps(rep, method, args, pool, root)
-            log(f"pre-training {method}: {steps} steps")
+        marks = run_dir / "checkpoint_minutes.json"
+        wanted = args.encoders is None or any(n.split("@")[0] == method for n in args.encoders.split(","))
+        if not last.is_file() and wanted:
+            steps, per_step = budget_steps(rep, method, args, pool, root)
+            every = 0
+            if args.checkpoint_every_min:
+                every = max(1, math.floor(args.checkpoint_every_min * 60 / per_step))
+                # the budgeted minutes of each kept step file before the last (written first, so the early
+                # checkpoints can be evaluated while the run goes on)
+                minutes = {f"{k * args.checkpoint_every_min:g}": f"step_{k * every:07d}.pt"
+                           for k in range(1, math.ceil(args.budget_min / args.checkpoint_every_min - 1e-9))
+                           if k * every < steps}
+                run_dir.mkdir(parents=True, exist_ok=True)
+                marks.write_text(json.dumps(minutes, indent=2))
+            log(f"pre-training {method}: {steps} steps" + (f", a checkpoint every {every}" if every else ""))
             cpu, wall = own_cpu_seconds(), time.perf_counter()
-            result = run_pretrain(method_config(method, args, pool, steps), run_dir)
+            result = run_pretrain(method_config(method, args, pool, steps, every), run_dir)
             rep.emit("pretrain_cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, method=method,
                      steps=result.step, wall_s=time.perf_counter() - wall, last_loss=result.last_loss,
                      budget_min=args.budget_min)
+        if marks.is_file():
+            for minute, name in json.loads(marks.read_text()).items():
+                checkpoints[f"{method}@{minute}min"] = str(run_dir / "checkpoints" / name)
         checkpoints[method] = str(last)
     checkpoints["random init"] = "random"
     if args.encoders:
@@ -166,6 +193,8 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
         if unknown := [n for n in names if n not in checkpoints]:
             raise SystemExit(f"--encoders {unknown}: choose among {', '.join(checkpoints)}")
         checkpoints = {n: p for n, p in checkpoints.items() if n in names}
+        if missing := [n for n, p in checkpoints.items() if p != "random" and not Path(p).is_file()]:
+            raise SystemExit(f"--encoders {missing}: no checkpoint yet (pre-training not finished?)")
     return checkpoints
 
 

@@ -171,3 +171,23 @@ def test_mif_benchmarks_share_the_calibrated_data():
     assert (cal.pretrain_images, cal.labelled_images, cal.patch_size) == (com.pretrain_images, com.labelled_images,
                                                                           com.patch_size)
     assert comparison.SEED == calibration.SEED and cal.steps == com.finetune_steps
+
+
+def test_mif_comparison_keeps_checkpoints_by_pretraining_minutes(tmp_path):
+    """``--checkpoint-every-min`` keeps the intermediate weights of one schedule and evaluates them as
+    ``METHOD@<minutes>min`` beside the method's last checkpoint."""
+    comparison = load_module("mif_comparison")
+    runs = tmp_path / "runs"
+    common = ["--quick", "--keep-runs", str(runs), "--methods", "MAE", "--checkpoint-every-min", "10"]
+    assert comparison.main(common + ["--pretrain-only", "--out", str(tmp_path / "pre")]) == 0
+    ckpts = runs / "pretrain" / "MAE" / "checkpoints"
+    marks = json.loads((runs / "pretrain" / "MAE" / "checkpoint_minutes.json").read_text())
+    assert marks == {"10": "step_0000001.pt"}  # quick: 2 steps, one checkpoint per step
+    early = torch.load(ckpts / marks["10"], map_location="cpu", weights_only=False)
+    last = torch.load(ckpts / "last.pt", map_location="cpu", weights_only=False)
+    assert (early["step"], last["step"]) == (1, 2)
+    assert any(not torch.equal(early["model"][k], last["model"][k]) for k in last["model"])  # step 1's own weights
+    out = tmp_path / "eval"
+    assert comparison.main(common + ["--skip-finetune", "--fractions", "0.5,1.0", "--out", str(out)]) == 0
+    table = (out / "mif_comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in ("MAE@10min", "MAE", "random init"))
