@@ -138,7 +138,7 @@ def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Pat
     ``2 × --timing-steps`` and a ``--timing-steps`` run of the method, divided by ``--timing-steps``, after a
     5-step warm-up run."""
     if args.quick:
-        return 2, args.budget_min * 30
+        return 2, args.budget_min * 60 / 2  # 2 steps fill the budget
     used = []  # a first short run takes the one-off costs (reading the pool into the page cache, lazy imports)
     run_pretrain(method_config(method, args, pool, 5), root / "timing" / f"{method}_warmup")
     for n in (args.timing_steps, 2 * args.timing_steps):
@@ -176,7 +176,8 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
                            for k in range(1, math.ceil(args.budget_min / args.checkpoint_every_min - 1e-9))
                            if k * every < steps}
                 run_dir.mkdir(parents=True, exist_ok=True)
-                marks.write_text(json.dumps(minutes, indent=2))
+                with atomic_path(marks, overwrite=True) as tmp:
+                    tmp.write_text(json.dumps({"minutes": minutes, "final": f"step_{steps:07d}.pt"}, indent=2))
             log(f"pre-training {method}: {steps} steps" + (f", a checkpoint every {every}" if every else ""))
             cpu, wall = own_cpu_seconds(), time.perf_counter()
             result = run_pretrain(method_config(method, args, pool, steps, every), run_dir)
@@ -184,8 +185,12 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
                      steps=result.step, wall_s=time.perf_counter() - wall, last_loss=result.last_loss,
                      budget_min=args.budget_min)
         if marks.is_file():
-            for minute, name in json.loads(marks.read_text()).items():
+            saved = json.loads(marks.read_text())
+            for minute, name in saved["minutes"].items():
                 checkpoints[f"{method}@{minute}min"] = str(run_dir / "checkpoints" / name)
+            # with kept checkpoints last.pt is written at every one of them: only the final step file says the
+            # run finished its schedule
+            last = run_dir / "checkpoints" / saved["final"]
         checkpoints[method] = str(last)
     checkpoints["random init"] = "random"
     if args.encoders:
@@ -193,8 +198,9 @@ def pretrain_all(rep: Reporter, args: argparse.Namespace, pool: Path, root: Path
         if unknown := [n for n in names if n not in checkpoints]:
             raise SystemExit(f"--encoders {unknown}: choose among {', '.join(checkpoints)}")
         checkpoints = {n: p for n, p in checkpoints.items() if n in names}
-        if missing := [n for n, p in checkpoints.items() if p != "random" and not Path(p).is_file()]:
-            raise SystemExit(f"--encoders {missing}: no checkpoint yet (pre-training not finished?)")
+    if missing := [n for n, p in checkpoints.items() if p != "random" and not Path(p).is_file()]:
+        raise SystemExit(f"encoders {missing}: no checkpoint yet (pre-training not finished or stopped?); "
+                         "finish it, or pass --encoders with the checkpoints that exist")
     return checkpoints
 
 

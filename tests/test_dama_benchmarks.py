@@ -182,8 +182,8 @@ def test_mif_comparison_keeps_checkpoints_by_pretraining_minutes(tmp_path):
     assert comparison.main(common + ["--pretrain-only", "--out", str(tmp_path / "pre")]) == 0
     ckpts = runs / "pretrain" / "MAE" / "checkpoints"
     marks = json.loads((runs / "pretrain" / "MAE" / "checkpoint_minutes.json").read_text())
-    assert marks == {"10": "step_0000001.pt"}  # quick: 2 steps, one checkpoint per step
-    early = torch.load(ckpts / marks["10"], map_location="cpu", weights_only=False)
+    assert marks == {"minutes": {"10": "step_0000001.pt"}, "final": "step_0000002.pt"}  # quick: 2 steps
+    early = torch.load(ckpts / marks["minutes"]["10"], map_location="cpu", weights_only=False)
     last = torch.load(ckpts / "last.pt", map_location="cpu", weights_only=False)
     assert (early["step"], last["step"]) == (1, 2)
     assert any(not torch.equal(early["model"][k], last["model"][k]) for k in last["model"])  # step 1's own weights
@@ -191,3 +191,7 @@ def test_mif_comparison_keeps_checkpoints_by_pretraining_minutes(tmp_path):
     assert comparison.main(common + ["--skip-finetune", "--fractions", "0.5,1.0", "--out", str(out)]) == 0
     table = (out / "mif_comparison.md").read_text()
     assert all(f"| {name} |" in table for name in ("MAE@10min", "MAE", "random init"))
+    # a stopped run (its final step file absent, last.pt at an earlier step) is not evaluated as the method
+    (ckpts / marks["final"]).unlink()
+    with pytest.raises(SystemExit, match="no checkpoint yet"):
+        comparison.main(common + ["--skip-finetune", "--out", str(tmp_path / "stopped")])
