@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "as METHOD@<minutes>min (the gain against pre-training minutes, within one schedule)")
     p.add_argument("--timing-steps", type=int, default=50,
                    help="steps timed (runs of N and 2N steps) to set each method's step count (default 50)")
+    p.add_argument("--cpu-s-per-step", type=float, default=None,
+                   help="skip the timing and use this CPU cost per step (one method per call): repeats an earlier "
+                        "run's schedule exactly (its pretrain_cpu_s_per_step), whatever the load now")
     p.add_argument("--crop-size", type=int, default=64, help="side of the cell crops (default 64)")
     p.add_argument("--model-size", type=int, default=None, help="the ViT's input side (default: --crop-size)")
     p.add_argument("--patch-size", type=int, default=8, help="ViT patch side (default 8)")
@@ -100,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-fractions", default=None,
                    help="shares fine-tuned (default: --fractions); the probes always run at --fractions")
     p.add_argument("--skip-finetune", action="store_true", help="probes only")
+    p.add_argument("--skip-probes", action="store_true",
+                   help="fine-tuning only (the k-NN and linear probes of these encoders are in an earlier part)")
     p.add_argument("--encoders", default=None,
                    help="evaluate only these (names of --methods and 'random init'; to evaluate in parallel parts)")
     p.add_argument("--combine", default=None, metavar="OUT1,OUT2",
@@ -117,9 +122,9 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int,
-                  ckpt_every: int = 0) -> PretrainConfig:
+                  ckpt_every: int = 0, extra: tuple[str, ...] = ()) -> PretrainConfig:
     """The method's tiny preset, on the pre-training pool's crops, for ``steps`` steps (a checkpoint every
-    ``ckpt_every`` steps, all kept, when > 0)."""
+    ``ckpt_every`` steps, all kept, when > 0), with ``extra`` overrides last."""
     preset, method_overrides = METHODS[method]
     overrides = method_overrides + model_overrides(args) + [
         "data.source=images", f"data.root={pool}", "data.axes=CYX", f"data.crop_scale={args.crop_scale}",
@@ -129,6 +134,7 @@ def method_config(method: str, args: argparse.Namespace, pool: Path, steps: int,
         "train.device=cpu", f"train.log_every={max(1, steps // 10)}"]
     if args.quick:
         overrides += ["train.batch_size=4"]
+    overrides += list(extra)
     return load_config(resolve_config(preset), PretrainConfig, overrides)
 
 
@@ -137,6 +143,11 @@ def budget_steps(rep: Reporter, method: str, args: argparse.Namespace, pool: Pat
     the pool, building the model) plus steps, so the cost per step is the difference between a
     ``2 × --timing-steps`` and a ``--timing-steps`` run of the method, divided by ``--timing-steps``, after a
     5-step warm-up run."""
+    if args.cpu_s_per_step is not None:
+        steps = max(1, math.floor(args.budget_min * 60 / args.cpu_s_per_step + 1e-9))
+        rep.emit("pretrain_cpu_s_per_step", args.cpu_s_per_step, "CPU seconds", None, method=method, steps=steps,
+                 timing_steps=0, given=True, budget_min=args.budget_min)
+        return steps, args.cpu_s_per_step
     if args.quick:
         return 2, args.budget_min * 60 / 2  # 2 steps fill the budget
     used = []  # a first short run takes the one-off costs (reading the pool into the page cache, lazy imports)
@@ -242,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         return combine(args)
     if args.pretrain_only and args.keep_runs is None:
         raise SystemExit("--pretrain-only keeps nothing without --keep-runs DIR: pass the folder to pre-train into")
+    if args.skip_probes and args.skip_finetune:
+        raise SystemExit("--skip-probes with --skip-finetune leaves nothing to evaluate: drop one of them "
+                         "(or pass --pretrain-only to pre-train only)")
+    if args.cpu_s_per_step is not None and (args.cpu_s_per_step <= 0 or len(args.methods.split(",")) != 1):
+        raise SystemExit(f"--cpu-s-per-step {args.cpu_s_per_step} with --methods {args.methods}: it needs one method "
+                         "and a cost > 0 (each method has its own cost per step; pass them in separate calls)")
     rep = Reporter("mif_comparison", args.out, torch.device("cpu"), args.quick)
     fractions = [float(f) for f in args.fractions.split(",")]
     folds = 2 if args.quick else args.folds
@@ -261,10 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         common = dict(config="classify_tiny", device="cpu", fractions=fractions)
         size_overrides = model_overrides(args) + [f"data.normalize={args.normalize}"]
         cpu = own_cpu_seconds()
-        probes = run_evaluate_classification(checkpoints, cells, results / "probes", methods=("knn", "linear"),
-                                             folds=folds, probe_epochs=100, overrides=size_overrides, **common)
-        rows = probes["summary"]
-        rep.emit("cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, phase="probes")
+        rows = []
+        if not args.skip_probes:
+            probes = run_evaluate_classification(checkpoints, cells, results / "probes", methods=("knn", "linear"),
+                                                 folds=folds, probe_epochs=100, overrides=size_overrides, **common)
+            rows += probes["summary"]
+            rep.emit("cpu_s", own_cpu_seconds() - cpu, "CPU seconds", None, phase="probes")
         if not args.skip_finetune:
             steps = 2 if args.quick else args.finetune_steps
             finetune = size_overrides + ["train.epochs=null", f"train.steps={steps}",

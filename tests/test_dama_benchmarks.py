@@ -195,3 +195,50 @@ def test_mif_comparison_keeps_checkpoints_by_pretraining_minutes(tmp_path):
     (ckpts / marks["final"]).unlink()
     with pytest.raises(SystemExit, match="no checkpoint yet"):
         comparison.main(common + ["--skip-finetune", "--out", str(tmp_path / "stopped")])
+
+
+def test_mif_comparison_repeats_a_given_schedule_and_fine_tunes_without_probes(tmp_path):
+    """``--cpu-s-per-step`` sets the step count from a given cost (no timing), so an earlier schedule can be
+    repeated under any load; ``--skip-probes`` evaluates by fine-tuning only."""
+    comparison = load_module("mif_comparison")
+    runs = tmp_path / "runs"
+    common = ["--quick", "--keep-runs", str(runs), "--methods", "MAE"]
+    pre = common + ["--budget-min", "0.05", "--cpu-s-per-step", "1.0", "--checkpoint-every-min", "0.025"]
+    assert comparison.main(pre + ["--pretrain-only", "--out", str(tmp_path / "pre")]) == 0
+    marks = json.loads((runs / "pretrain" / "MAE" / "checkpoint_minutes.json").read_text())
+    assert marks == {"minutes": {"0.025": "step_0000001.pt"}, "final": "step_0000003.pt"}  # 3 s at 1 s per step
+    last = torch.load(runs / "pretrain" / "MAE" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert last["step"] == 3
+    given = [json.loads(line) for line in (tmp_path / "pre" / "mif_comparison.jsonl").read_text().splitlines()]
+    assert any(g["figure"] == "pretrain_cpu_s_per_step" and g.get("given") and g["steps"] == 3 for g in given)
+    out = tmp_path / "ft"
+    assert comparison.main(common + ["--encoders", "MAE", "--skip-probes", "--finetune-fractions", "1.0",
+                                     "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "mif_comparison.jsonl").read_text().splitlines()]
+    methods = {(a["encoder"], a["method"]) for a in lines if a["figure"] == "accuracy"}
+    assert methods == {("MAE", "finetune")}
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        comparison.main(common + ["--skip-probes", "--skip-finetune", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="needs one method"):
+        comparison.main(["--quick", "--methods", "MAE,DAMA", "--cpu-s-per-step", "0.1", "--out", str(tmp_path / "x")])
+
+
+def test_data2vec_collapse_quick(tmp_path):
+    """Each variant changes what it names (same initialisation and batches otherwise), and each gets its target
+    spread and a linear probe beside random init."""
+    lines = run_quick("data2vec_collapse", tmp_path)
+    spread = {line["variant"]: line for line in lines if line["figure"] == "target_spread"}
+    variants = load_module("data2vec_collapse").VARIANTS
+    assert set(spread) == set(variants)
+    default, frozen = spread["layer norm (default)"], spread["momentum 1 (teacher frozen)"]
+    # the first logged step comes before the teachers can differ: the momentum variants start where the default does
+    assert frozen["tokens_first"] == pytest.approx(default["tokens_first"], rel=1e-6)
+    # normalising each block's output over the tokens spreads the target across tokens far more than per token
+    assert spread["instance norm"]["tokens_first"] > 2 * default["tokens_first"]
+    assert spread["K=1"]["tokens_first"] != pytest.approx(default["tokens_first"], rel=1e-3)
+    for s in spread.values():
+        assert all(math.isfinite(s[k]) and s[k] >= 0 for k in ("tokens_first", "tokens_last", "images_first"))
+    linear = {line["variant"] for line in lines if line["figure"] == "linear_accuracy"}
+    assert linear == set(variants) | {"random init"}
+    assert "| random init (no pre-training) |" in (tmp_path / "data2vec_collapse.md").read_text()
+    assert (tmp_path / "data2vec_collapse.png").stat().st_size > 1000
