@@ -23,8 +23,9 @@ by k-NN, linear probe and fine-tuning at several shares of the labelled training
    ``--finetune-folds`` splits at ``--finetune-fractions``.
 4. Output: JSON lines (``pretrain_cpu_s`` per method, ``accuracy`` per encoder, method and share, with mean ±
    std over folds), ``<out>/mif_comparison.md`` (table: rows encoders, columns method @ share, plus the
-   channel-means baseline of the same splits), ``mif_comparison_rows.json`` (its rows) and the protocol's
-   ``results.md`` / ``accuracy_vs_fraction.png`` (Fig. 4 style) under ``<out>/mif_comparison/{probes,finetune}/``.
+   channel-means baseline of the same splits), ``mif_comparison_finetune.png`` (fine-tuning accuracy against the
+   labelled share, one line per encoder; also for ``--combine``), ``mif_comparison_rows.json`` (its rows) and the
+   protocol's ``results.md`` / ``accuracy_vs_fraction.png`` under ``<out>/mif_comparison/{probes,finetune}/``.
 
 Running in parts on a shared CPU: pre-train with ``--pretrain-only --keep-runs DIR --methods ...`` (two such
 processes at once share DIR once the pools are written), evaluate with ``--keep-runs DIR --encoders ...`` and
@@ -56,7 +57,7 @@ from classification_protocol import table
 from micromae.config import PretrainConfig, load_config, resolve_config
 from micromae.data.synthetic_mif import write_mif_pools
 from micromae.io.writers import atomic_path
-from micromae.evaluate.classification import run_evaluate_classification, stratified_splits
+from micromae.evaluate.classification import plot_data_efficiency, run_evaluate_classification, stratified_splits
 from micromae.train.classify_data import load_labelled_crops
 from micromae.train.pretrain import run_pretrain
 from mif_calibration import SEED, channel_means_accuracy
@@ -236,12 +237,16 @@ def combine(args: argparse.Namespace) -> int:
 
 
 def write_table(out: Path, rows: list[dict], baseline: dict, keep_rows: bool = True) -> None:
-    """``out/mif_comparison.md`` (logged too) and, with ``keep_rows``, its rows for ``--combine``."""
+    """``out/mif_comparison.md`` (logged too), the fine-tuning rows as ``out/mif_comparison_finetune.png``
+    (accuracy against the labelled share, Fig. 4 style) and, with ``keep_rows``, the rows for ``--combine``."""
     text = table(rows + [baseline])
     log("\n" + text)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "mif_comparison.md", overwrite=True) as tmp:
         tmp.write_text(text)
+    if finetuned := [r for r in rows if r["method"] == "finetune"]:
+        plot_data_efficiency(finetuned, out / "mif_comparison_finetune.png",
+                             title="Fine-tuning accuracy vs labelled share (mean ± std over splits)")
     if keep_rows:
         with atomic_path(out / "mif_comparison_rows.json", overwrite=True) as tmp:
             tmp.write_text(json.dumps({"rows": rows, "baseline": baseline}, indent=2))

@@ -159,6 +159,7 @@ def test_mif_comparison_quick(tmp_path):
     comparison = load_module("mif_comparison")
     assert comparison.main(["--combine", str(tmp_path), "--out", str(tmp_path / "combined")]) == 0
     assert (tmp_path / "combined" / "mif_comparison.md").read_text() == table
+    assert (tmp_path / "combined" / "mif_comparison_finetune.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="in two parts"):
         comparison.main(["--combine", f"{tmp_path},{tmp_path}", "--out", str(tmp_path / "twice")])
 
