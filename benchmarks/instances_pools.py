@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from common import OUT_DIR, Reporter, log, resolve_device, timed
+from micromae.cli_classify import parse_checkpoints as cli_parse_checkpoints
 from micromae.config import PretrainConfig, load_config, resolve_config
 from micromae.data.coco import read_coco_json
 from micromae.data.synthetic_mif import write_mif_pools
@@ -103,22 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_checkpoints(specs: list[str]) -> dict[str, Path]:
-    """``{name: path}`` of ``--checkpoint NAME=PATH`` options, checked (existing files, unique names)."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        name = name.strip()
-        if not sep or not name or not path:
-            raise input_error("--checkpoint", "NAME=PATH, e.g. DAMA=runs/dama/checkpoints/last.pt", repr(spec),
-                              "Name each pre-trained encoder")
-        if name == RANDOM or name in out:
-            raise input_error("--checkpoint", f"a name other than {RANDOM!r} and the other checkpoints'",
-                              repr(name), "Give each checkpoint its own name")
-        if not Path(path).is_file():
-            raise input_error(f"--checkpoint {name}", "an existing checkpoint file", f"'{path}' (no such file)",
-                              "Check the path, e.g. RUN/checkpoints/last.pt")
-        out[name] = Path(path)
-    return out
+    """``{name: path}`` of ``--checkpoint NAME=PATH`` options (the CLI's parser: existing files, unique names,
+    none called ``random init``, which is the control every run has)."""
+    return {name: Path(path) for name, path in
+            cli_parse_checkpoints(specs, require_name=True, allow_random=False).items()}
 
 
 def encoder_shape(checkpoints: dict[str, Path], model_size: int, patch_size: int) -> dict[str, Any]:

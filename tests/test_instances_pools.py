@@ -89,6 +89,8 @@ def test_pyramid_strides(bench):
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "no-equals-sign"], "NAME=PATH"),
     (["--checkpoint", "DAMA=/no/such/last.pt"], "no such file"),
+    (["--checkpoint", "random"], "NAME=PATH"),
+    (["--checkpoint", "random init=/no/such/last.pt"], "other than 'random init'"),
     ([], "--pools"),
     (["--pools", "{tmp}"], "labelled/annotations.json"),
     (["--pools", "{tmp}", "--test-images", "13"], "--test-images"),

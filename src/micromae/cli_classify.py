@@ -17,19 +17,30 @@ DATA_HELP = ("folder with one sub-folder of single-cell crops (multi-channel TIF
              "cells/ folder of `micromae data synth-mif`")
 
 
-def parse_checkpoints(items: list[str]) -> dict[str, str]:
-    """``["DAMA=a.pt", "b.pt", "random"]`` -> ``{"DAMA": "a.pt", "b": "b.pt", "random init": "random"}``."""
+def parse_checkpoints(items: list[str], *, require_name: bool = False, allow_random: bool = True) -> dict[str, str]:
+    """``["DAMA=a.pt", "b.pt", "random"]`` -> ``{"DAMA": "a.pt", "b": "b.pt", "random init": "random"}``.
+
+    Every path must be an existing file and every name used once. ``require_name``: only ``NAME=PATH`` items;
+    ``allow_random=False``: no ``random`` item and no encoder named ``random init`` (for callers that always run
+    the random-init control themselves)."""
     named: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
+        name = name.strip()
         if not sep:
+            if require_name:
+                raise input_error("--checkpoint", "NAME=PATH, e.g. DAMA=runs/dama/checkpoints/last.pt", repr(item),
+                                  "Name each pre-trained encoder")
             name, path = ("random init" if item == "random" else Path(item).stem), item
+        if not allow_random and (path == "random" or name == "random init"):
+            raise input_error(f"--checkpoint {item!r}", "a checkpoint file under a name other than 'random init'",
+                              repr(item), "The random-init control always runs; pass only pre-trained encoders")
         if not name or not path or name in named:
             raise input_error(f"--checkpoint {item!r}", "PATH, NAME=PATH or random, each name once",
                               "an empty or repeated name", "Name each encoder differently, e.g. DAMA=runs/a.pt")
         if path != "random" and not Path(path).is_file():
             raise input_error(f"--checkpoint {item!r}", "an existing .pt or .safetensors file, or random",
-                              f"no file '{path}'", "Check the path (e.g. runs/NAME/checkpoints/last.pt)")
+                              f"no file '{path}' (no such file)", "Check the path (e.g. runs/NAME/checkpoints/last.pt)")
         named[name] = path
     return named
 
