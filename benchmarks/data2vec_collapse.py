@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -117,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             write_mif_pools(pools, n_pre, n_lab, shape=(128, 128) if args.quick else (512, 512), seed=SEED,
                             crop_size=cmp_args.crop_size, realism="paper")
         curves, rows, checkpoints = {}, [], {"random init": "random"}
-        for i, name in enumerate(names):
-            run_dir = root / "data2vec_collapse" / f"v{i}_{steps}"
+        for name in names:  # a variant's run folder is named by its place in VARIANTS, so any subset reuses it
+            run_dir = root / "data2vec_collapse" / f"v{list(VARIANTS).index(name)}_{steps}"
             extra = tuple(VARIANTS[name]) + (f"train.log_every={max(1, steps // 20)}",)
             cfg = mif_comparison.method_config("data2vec", cmp_args, pools / "pretrain" / "cells", steps, extra=extra)
             log(f"data2vec variant {name!r}: {steps} steps")
             cpu = own_cpu_seconds()
             if not (run_dir / "checkpoints" / "last.pt").is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)  # a stopped run's log would mix into the new one
                 run_pretrain(cfg, run_dir)
             recs = spread_records(run_dir)
             curves[name] = recs
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                      tokens_last=row["tokens last"], images_first=row["images first"], loss_last=row["loss last"],
                      image_share=row["image share last"], cpu_s=own_cpu_seconds() - cpu)
         size = mif_comparison.model_overrides(cmp_args)
-        probes = run_evaluate_classification(checkpoints, pools / "labelled" / "cells", root / "data2vec_collapse"
-                                             / f"probes_{steps}", methods=("linear",), folds=folds, fractions=(1.0,),
+        probes = run_evaluate_classification(checkpoints, pools / "labelled" / "cells",
+                                             args.out / "data2vec_collapse_probes", methods=("linear",), folds=folds,
+                                             fractions=(1.0,),
                                              probe_epochs=100, overrides=size, config="classify_tiny", device="cpu")
         linear = {r["encoder"]: r for r in probes["summary"]}
         for row in rows:
